@@ -1,0 +1,10 @@
+"""In-context Sparse Attention (ISA): the operator.
+
+    from liveditor.isa import ISAConfig, isa_attention, dense_attention
+    out = isa_attention(q, k, v, num_source=L_src, config=ISAConfig())
+"""
+
+from .api import dense_attention, isa_attention
+from .config import ISAConfig, ISAInfo
+
+__all__ = ["ISAConfig", "ISAInfo", "dense_attention", "isa_attention"]

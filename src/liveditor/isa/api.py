@@ -1,0 +1,115 @@
+"""Public API of the ISA operator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ISAConfig, ISAInfo
+from .dispatch import resolve_backend
+from .layout import sequence_tile_permutation
+
+MAX_HEAD_DIM = 256
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must have the same shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"q, k, v must have tokens and a head dim, got shape {tuple(q.shape)}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[3]} is over the supported {MAX_HEAD_DIM}")
+
+
+def _check_gate(gate, q) -> torch.Tensor:
+    B, _, N, _ = q.shape
+    if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
+        raise ValueError("gate must be a floating torch.Tensor of shape [B, N] or [B, N, 1]")
+    if tuple(gate.shape) not in ((B, N), (B, N, 1)):
+        raise ValueError(f"gate must have shape [B, N] or [B, N, 1] = [{B}, {N}(, 1)], got {tuple(gate.shape)}")
+    if gate.device != q.device:
+        raise ValueError(f"gate is on {gate.device} but q on {q.device}")
+    return gate.reshape(B, N)
+
+
+def isa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_source: int,
+    config: ISAConfig | None = None,
+    *,
+    gate: torch.Tensor | None = None,
+    scale: float | None = None,
+    grid: tuple[int, int, int] | None = None,
+    backend: str = "auto",
+    return_info: bool = False,
+):
+    """In-context Sparse Attention over a `[source | context]` sequence.
+
+    Args:
+        q, k, v: `[B, H, N, D]`; the first `num_source` tokens are the source (the video being
+            generated), the remaining `N - num_source` the context (the clean input video).
+        num_source: L_src, 1 <= L_src <= N. `L_src == N` means no context.
+        config: ISAConfig (defaults: the paper's).
+        gate: optional per-token coarse-residual gate `[B, N]` or `[B, N, 1]`, shared by heads.
+        scale: softmax scale, default `1/sqrt(D)`.
+        grid: the source's latent (frames, rows, cols), needed for `config.token_order="tile"`.
+        backend: "auto" (fastest available), "torch" (this package's PyTorch path) or a kernel
+            backend where installed.
+        return_info: also return an ISAInfo with the decisions and the FLOP fraction.
+
+    Returns:
+        The output `[B, H, N, D]` in the input dtype, or `(output, ISAInfo)`.
+    """
+    config = ISAConfig() if config is None else config
+    if not isinstance(config, ISAConfig):
+        raise ValueError(f"config must be an ISAConfig, got {type(config).__name__}")
+    _check_qkv(q, k, v)
+    N = q.shape[2]
+    if isinstance(num_source, bool) or not isinstance(num_source, int) or not 1 <= num_source <= N:
+        raise ValueError(f"num_source must be an int in [1, N={N}], got {num_source!r}")
+    if gate is not None:
+        gate = _check_gate(gate, q)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+
+    order = None
+    if config.token_order == "tile":
+        if grid is None:
+            raise ValueError('token_order="tile" needs grid=(frames, rows, cols) of the source')
+        order = sequence_tile_permutation(num_source, N - num_source, tuple(grid), config.tile, q.device)
+        q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]
+        if gate is not None:
+            gate = gate[:, order]
+
+    compute = resolve_backend(backend, q, config)
+    result = compute(q, k, v, num_source, config, gate, float(scale), return_info)
+    if order is None:
+        return result
+    out, info = result if return_info else (result, None)
+    out = out[:, :, torch.argsort(order)]
+    return (out, info) if return_info else out
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Full softmax attention over the whole sequence (PyTorch SDPA), the reference ISA approximates."""
+    _check_qkv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

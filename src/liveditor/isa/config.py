@@ -1,0 +1,109 @@
+"""ISA's knobs and what a call decided."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SHARPNESS_STATISTICS = ("energy", "topk")
+TOKEN_ORDERS = ("raster", "tile")
+
+
+@dataclass(frozen=True)
+class ISAConfig:
+    """Knobs of In-context Sparse Attention (defaults: the paper's).
+
+    block_size: tokens per query/key block.
+    select_ratio: fraction of context key blocks kept for every query (the rest are dropped).
+    full_ratio: fraction of query blocks (the sharpest) routed to exact attention.
+    exact_ratio: fraction of kept key blocks that a flat query block attends to exactly; the
+        others enter through their mean key (0th-order Taylor term).
+    sharpness: "energy" (sum of squared coarse probabilities, the paper's variance ranking) or
+        "topk" (sum of the top coarse probabilities, the released code's statistic).
+    token_order: "raster" keeps the model's (frame, row, column) order; "tile" permutes each
+        segment into contiguous spatio-temporal tiles before blocking (needs the latent grid).
+    tile: (frames, rows, columns) of one tile for token_order="tile".
+    """
+
+    block_size: int = 64
+    select_ratio: float = 0.125
+    full_ratio: float = 0.5
+    exact_ratio: float = 0.0625
+    sharpness: str = "energy"
+    token_order: str = "raster"
+    tile: tuple[int, int, int] = (4, 4, 4)
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"ISAConfig.block_size must be a positive int, got {self.block_size!r}")
+        for name in ("select_ratio", "full_ratio", "exact_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"ISAConfig.{name} must be in (0, 1], got {value!r}")
+        if self.sharpness not in SHARPNESS_STATISTICS:
+            raise ValueError(f"ISAConfig.sharpness must be one of {SHARPNESS_STATISTICS}, got {self.sharpness!r}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"ISAConfig.token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
+        tile = tuple(self.tile)
+        if len(tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
+            raise ValueError(f"ISAConfig.tile must be three positive ints (frames, rows, columns), got {self.tile!r}")
+        object.__setattr__(self, "tile", tile)
+
+
+@dataclass
+class ISAInfo:
+    """What one ISA call decided (batch-first, per head)."""
+
+    selected_context_blocks: torch.Tensor  # [B, H, n_sel] long, context block numbers
+    exact_query_blocks: torch.Tensor  # [B, H, nb] bool, True = routed to exact attention
+    num_source_blocks: int
+    num_context_blocks: int
+    flop_fraction: float  # FLOPs computed / dense attention FLOPs, mean over batch and heads
+
+
+def ceil_count(ratio: float, n: int) -> int:
+    """ceil(ratio * n), robust to binary fractions such as 0.1 * 30."""
+    return math.ceil(ratio * n - 1e-6)
+
+
+def floor_count(ratio: float, n: int) -> int:
+    return math.floor(ratio * n + 1e-6)
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """How many blocks each ISA stage keeps for a given sequence split."""
+
+    num_source_blocks: int
+    num_context_blocks: int
+    num_selected: int  # context blocks kept
+    num_full: int  # query blocks routed to exact attention
+    num_exact: int  # exact key blocks per flat query block
+    topk_sharpness: int  # k of the "topk" sharpness statistic
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_source_blocks + self.num_context_blocks
+
+    @property
+    def num_kept(self) -> int:
+        return self.num_source_blocks + self.num_selected
+
+
+def block_counts(num_source: int, num_context: int, config: ISAConfig) -> BlockCounts:
+    b = config.block_size
+    n_src = -(-num_source // b)
+    n_ctx = -(-num_context // b)
+    nb = n_src + n_ctx
+    n_sel = min(n_ctx, max(1, ceil_count(config.select_ratio, n_ctx))) if n_ctx else 0
+    n_kv = n_src + n_sel
+    return BlockCounts(
+        num_source_blocks=n_src,
+        num_context_blocks=n_ctx,
+        num_selected=n_sel,
+        num_full=min(nb, max(1, ceil_count(config.full_ratio, nb))),
+        num_exact=min(n_kv, max(1, floor_count(config.exact_ratio, n_kv))),
+        topk_sharpness=min(n_src, max(1, floor_count(config.exact_ratio, n_src))),
+    )

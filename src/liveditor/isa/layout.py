@@ -1,0 +1,92 @@
+"""Token layouts: blocking with separate source/context padding, and spatio-temporal tile order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BlockLayout:
+    """Where each token sits once source and context are padded separately to whole blocks.
+
+    Padded sequence: `num_blocks * block_size` slots; source blocks first, then context blocks.
+    """
+
+    token_index: torch.Tensor  # [nb, b] long: token of each slot (padding slots repeat a real token)
+    slot_valid: torch.Tensor  # [nb, b] bool: slot holds a real token
+    block_length: torch.Tensor  # [nb] long: real tokens per block (>= 1)
+    token_slot: torch.Tensor  # [N] long: slot (flattened) of each token
+    token_block: torch.Tensor  # [N] long: block of each token
+
+    @property
+    def num_blocks(self) -> int:
+        return self.token_index.shape[0]
+
+
+def block_layout(num_source: int, num_context: int, block_size: int, device) -> BlockLayout:
+    b = block_size
+    n_src = -(-num_source // b)
+    n_ctx = -(-num_context // b)
+    offsets = torch.arange(b, device=device)
+
+    def segment(start: int, length: int, n_blocks: int):
+        local = torch.arange(n_blocks, device=device)[:, None] * b + offsets  # [n, b]
+        valid = local < length
+        index = start + torch.where(valid, local, torch.zeros_like(local))
+        return index, valid
+
+    src_index, src_valid = segment(0, num_source, n_src)
+    ctx_index, ctx_valid = segment(num_source, num_context, n_ctx)
+    token_index = torch.cat([src_index, ctx_index])
+    slot_valid = torch.cat([src_valid, ctx_valid])
+    n_tokens = num_source + num_context
+    flat_valid = slot_valid.flatten()
+    token_slot = torch.empty(n_tokens, dtype=torch.long, device=device)
+    token_slot[token_index.flatten()[flat_valid]] = torch.nonzero(flat_valid).squeeze(1)
+    return BlockLayout(
+        token_index=token_index,
+        slot_valid=slot_valid,
+        block_length=slot_valid.sum(1),
+        token_slot=token_slot,
+        token_block=token_slot // b,
+    )
+
+
+def tile_permutation(frames: int, rows: int, cols: int, tile: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Permutation of a (frames, rows, cols) raster into contiguous tiles.
+
+    `raster[perm]` lists tokens tile by tile (tiles in raster order, tokens inside a tile in raster
+    order); edge tiles are smaller when the grid is not a multiple of the tile.
+    """
+    tf, th, tw = tile
+    f = torch.arange(frames, device=device)[:, None, None]
+    h = torch.arange(rows, device=device)[None, :, None]
+    w = torch.arange(cols, device=device)[None, None, :]
+    n_th = -(-rows // th)
+    n_tw = -(-cols // tw)
+    tile_id = ((f // tf) * n_th + h // th) * n_tw + w // tw
+    inner = ((f % tf) * th + h % th) * tw + w % tw
+    key = tile_id * (tf * th * tw) + inner
+    return torch.argsort(key.flatten())
+
+
+def sequence_tile_permutation(
+    num_source: int, num_context: int, grid: tuple[int, int, int], tile: tuple[int, int, int], device=None
+) -> torch.Tensor:
+    """Tile permutation of a whole `[source | context]` sequence, each segment tiled on its own.
+
+    `grid` is the source's (frames, rows, cols); the context shares rows and cols and may have
+    another number of frames.
+    """
+    f, h, w = grid
+    if f * h * w != num_source:
+        raise ValueError(f"grid {tuple(grid)} holds {f * h * w} tokens but num_source is {num_source}")
+    if num_context % (h * w):
+        raise ValueError(f"context length {num_context} is not a whole number of {h}x{w} frames")
+    src = tile_permutation(f, h, w, tile, device)
+    if num_context == 0:
+        return src
+    ctx = tile_permutation(num_context // (h * w), h, w, tile, device) + num_source
+    return torch.cat([src, ctx])

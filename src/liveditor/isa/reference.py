@@ -69,9 +69,10 @@ def _attend_chunk(q_chunk, keys, values, pooled_keys, pooled_values, token_allow
     q_chunk [B,H,c,b,D]; keys/values [B,H,T,D]; pooled_keys/values [B,H,n_kv,D];
     token_allowed [B,H,c,T] bool; pooled_bias [B,H,c,n_kv] float (-inf where not used).
     """
-    token_logits = torch.einsum("bhcqd,bhtd->bhcqt", q_chunk, keys).float() * scale
+    softmax_dtype = decision_dtype(q_chunk.dtype)
+    token_logits = torch.einsum("bhcqd,bhtd->bhcqt", q_chunk, keys).to(softmax_dtype) * scale
     token_logits = token_logits.masked_fill(~token_allowed[:, :, :, None, :], float("-inf"))
-    pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys).float() * scale
+    pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys).to(softmax_dtype) * scale
     pooled_logits = pooled_logits + pooled_bias[:, :, :, None, :]
     probs = torch.softmax(torch.cat([token_logits, pooled_logits], dim=-1), dim=-1).to(values.dtype)
     n_tokens = keys.shape[2]
@@ -111,7 +112,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     keys = k.gather(2, gather_index)
     values = v.gather(2, gather_index)
     key_valid = layout.slot_valid[kept].flatten(2)  # [B, H, n_kv*b]
-    kept_length = layout.block_length[kept].to(torch.float32)
+    kept_length = layout.block_length[kept].to(decision_dtype(q.dtype))
     kept_index = kept[..., None].expand(B, H, n_kv, D)
     pooled_keys = kc.gather(2, kept_index).to(q.dtype)
     pooled_values = vc.gather(2, kept_index).to(v.dtype)

@@ -1,0 +1,298 @@
+"""LIVEditorTransformer3DModel: Wan's video DiT turned into an in-context editor.
+
+Built from diffusers' Wan building blocks (patch embedding, time/text embedder, 3D RoPE,
+`WanTransformerBlock`, output head). What LIVEditor adds:
+
+- a second patch embedding (`context_embedding`) for the clean latent of the input video;
+- one self-attention sequence `[source | context]` per block (source = the noisy latent being
+  generated); cross-attention to the text is unchanged;
+- decoupled 3D RoPE: the context restarts at position 0 on the same (f, h, w) grid as the source;
+- a per-layer coarse-residual gate `attn1.coarse_gate = Linear(dim, 1, bias=False)`;
+- self-attention through `LIVEditorAttnProcessor` ("isa" or "dense", switchable at run time);
+- only the source tokens are decoded by the head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
+    WanTransformerBlock,
+)
+
+from ..isa import ISAConfig
+from .attention_processor import ATTENTION_MODES, AttentionTimer, InContextLayout, LIVEditorAttnProcessor
+
+# Architecture presets. "liveditor-14b" is the high-noise expert of Wan2.2-T2V-A14B (spec section 3);
+# the small ones keep every mechanism (RoPE split, qk-norm, gate) at sizes a CPU runs in seconds.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "liveditor-14b": dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=40,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=13824,
+        num_layers=40,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    ),
+    "liveditor-small": dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=256,
+        num_layers=4,
+    ),
+    "liveditor-tiny": dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+    ),
+}
+
+
+class LIVEditorTransformerBlock(WanTransformerBlock):
+    """A Wan block whose self-attention runs LIVEditorAttnProcessor and owns a coarse-residual gate."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: str, cross_attn_norm: bool, eps: float,
+                 processor: LIVEditorAttnProcessor):
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps)
+        # Lives on the attention module so the processor reaches it as `attn.coarse_gate`.
+        self.attn1.coarse_gate = nn.Linear(dim, 1, bias=False)
+        self.attn1.set_processor(processor)
+
+
+class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
+    r"""In-context video editing DiT (LIVEditor).
+
+    Args mirror diffusers' `WanTransformer3DModel` (patch_size, num_attention_heads,
+    attention_head_dim, in/out_channels, text_dim, freq_dim, ffn_dim, num_layers, cross_attn_norm,
+    qk_norm, eps, rope_max_seq_len) plus:
+        attention: "isa" (default) or "dense" self-attention.
+        isa_config: the ISAConfig fields as a dict (None: the paper's defaults).
+
+    forward(hidden_states, timestep, encoder_hidden_states, context_latents): `hidden_states` is the
+    noisy source latent `[B, C, F, H, W]`, `context_latents` the clean input-video latent of the same
+    shape, `encoder_hidden_states` the text embeddings `[B, L_text, text_dim]`. Returns the
+    prediction for the source only, `[B, out_channels, F, H, W]`.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["patch_embedding", "context_embedding", "condition_embedder", "norm"]
+    _no_split_modules = ["LIVEditorTransformerBlock"]
+    _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _repeated_blocks = ["LIVEditorTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        rope_max_seq_len: int = 1024,
+        attention: str = "isa",
+        isa_config: dict | None = None,
+    ):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if attention_head_dim % 2 or attention_head_dim < 6:
+            raise ValueError(f"attention_head_dim must be even and at least 6 for 3D RoPE, got {attention_head_dim}")
+        inner_dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+        isa = ISAConfig(**isa_config) if isa_config else ISAConfig()
+
+        self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.context_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim, time_freq_dim=freq_dim, time_proj_dim=inner_dim * 6, text_embed_dim=text_dim
+        )
+
+        self.attention_timer = AttentionTimer()
+        self.blocks = nn.ModuleList(
+            [
+                LIVEditorTransformerBlock(
+                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps,
+                    LIVEditorAttnProcessor(attention, isa, self.attention_timer),
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LIVEditorTransformer3DModel":
+        """A randomly initialised model with the architecture of preset `name` (see MODEL_PRESETS)."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
+
+    # ----- attention mode -------------------------------------------------------------------
+
+    def _self_attention_processors(self) -> list[LIVEditorAttnProcessor]:
+        processors = [block.attn1.processor for block in self.blocks]
+        for p in processors:
+            if not isinstance(p, LIVEditorAttnProcessor):
+                raise ValueError(f"self-attention processor was replaced by {type(p).__name__}")
+        return processors
+
+    def set_attention_mode(self, mode: str, isa_config: ISAConfig | None = None) -> None:
+        """Switch every self-attention layer to "isa" or "dense"; `isa_config` replaces the ISA knobs.
+
+        Recorded in the model config, so `save_pretrained` keeps it.
+        """
+        config = isa_config if isa_config is not None else self.isa_config
+        for processor in self._self_attention_processors():
+            processor.set_mode(mode, config)
+        self.register_to_config(attention=mode, isa_config=asdict(config))
+
+    @property
+    def attention_mode(self) -> str:
+        return self._self_attention_processors()[0].mode
+
+    @property
+    def isa_config(self) -> ISAConfig:
+        return self._self_attention_processors()[0].isa_config
+
+    # ----- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        context_latents: torch.Tensor,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ):
+        """Predict the flow for the source latent, attending jointly over source and context.
+
+        attention_kwargs: optional per-call overrides {"mode": "isa"|"dense", "isa_config": ISAConfig}.
+        """
+        if hidden_states.dim() != 5:
+            raise ValueError(f"hidden_states must be [B, C, F, H, W], got shape {tuple(hidden_states.shape)}")
+        if context_latents is None or tuple(context_latents.shape) != tuple(hidden_states.shape):
+            shape = None if context_latents is None else tuple(context_latents.shape)
+            raise ValueError(f"context_latents must have the source's shape {tuple(hidden_states.shape)}, got {shape}")
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if num_frames % p_t or height % p_h or width % p_w:
+            raise ValueError(
+                f"latent (frames, height, width) = {(num_frames, height, width)} is not divisible by the patch size "
+                f"{tuple(self.config.patch_size)}"
+            )
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        num_source = math.prod(grid)
+        if max(grid) > self.config.rope_max_seq_len:
+            raise ValueError(f"latent grid {grid} exceeds rope_max_seq_len={self.config.rope_max_seq_len}")
+
+        # Decoupled RoPE: the context reuses the source's positions, restarting at 0.
+        cos, sin = self.rope(hidden_states)
+        rotary_emb = (torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1))
+
+        dtype = self.patch_embedding.weight.dtype
+        source = self.patch_embedding(hidden_states.to(dtype)).flatten(2).transpose(1, 2)
+        context = self.context_embedding(context_latents.to(dtype)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([source, context], dim=1).contiguous()
+
+        if timestep.dim() == 0:
+            timestep = timestep.expand(batch_size)
+        if timestep.dim() != 1:
+            raise ValueError(f"timestep must be a scalar or [B], got shape {tuple(timestep.shape)}")
+        temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+
+        with self._in_context_layout(InContextLayout(num_source, grid), attention_kwargs):
+            for block in self.blocks:
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    tokens = self._gradient_checkpointing_func(
+                        block, tokens, encoder_hidden_states, timestep_proj, rotary_emb
+                    )
+                else:
+                    tokens = block(tokens, encoder_hidden_states, timestep_proj, rotary_emb)
+
+        # Only the source is decoded.
+        tokens = tokens[:, :num_source]
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale.to(tokens.device)) + shift.to(tokens.device)).type_as(
+            tokens
+        )
+        tokens = self.proj_out(tokens)
+        tokens = tokens.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
+        output = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _in_context_layout(self, layout: InContextLayout, attention_kwargs: dict[str, Any] | None):
+        return _LayoutScope(self._self_attention_processors(), layout, attention_kwargs)
+
+
+class _LayoutScope:
+    """Hands the layout (and per-call attention overrides) to every processor for one forward pass."""
+
+    _KEYS = ("mode", "isa_config")
+
+    def __init__(self, processors, layout, attention_kwargs):
+        attention_kwargs = dict(attention_kwargs or {})
+        unknown = set(attention_kwargs) - set(self._KEYS)
+        if unknown:
+            raise ValueError(f"unknown attention_kwargs {sorted(unknown)}; supported: {list(self._KEYS)}")
+        self.processors = processors
+        self.layout = layout
+        self.override = attention_kwargs
+        self.saved = []
+
+    def __enter__(self):
+        for p in self.processors:
+            self.saved.append((p.mode, p.isa_config))
+            if self.override:
+                p.set_mode(self.override.get("mode", p.mode), self.override.get("isa_config", p.isa_config))
+            p.layout = self.layout
+        return self
+
+    def __exit__(self, *exc):
+        # The layout stays set: gradient checkpointing recomputes the blocks after forward returns.
+        for p, (mode, config) in zip(self.processors, self.saved):
+            p.set_mode(mode, config)
+        return False

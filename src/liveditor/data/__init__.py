@@ -1,0 +1,2 @@
+"""Data: the ShapeEdit procedural editing domain (`shapes`), training shards (`shards`) and
+video files (`video_io`). Submodules are imported on use so that `shapes` needs only numpy."""

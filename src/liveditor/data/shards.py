@@ -1,0 +1,456 @@
+"""Training shards: WebDataset-style tar files, written and read with the standard library.
+
+Layout of a shard (``<prefix>-000000.tar``): samples are consecutive groups of files sharing a
+key (the part of the member name before the first dot), as WebDataset expects::
+
+    train-00000042.json        instruction, family, geometry, scene metadata
+    train-00000042.source.png  the input video, frames stacked vertically (F*H x W, RGB)
+    train-00000042.target.png  the edited video, same layout
+    train-00000042.mask.png    the edited object's mask per frame (grey, 0/255)
+
+A folder of shards has an ``index.json`` manifest (format, split, seeds, shard names and counts,
+clip geometry). Every file is written to a temporary name in the same folder and renamed into
+place, so an interrupted run never leaves a half-written shard under a real name. Readers skip a
+corrupt shard or sample with a logged warning and count it in ``ReadStats``.
+
+The same writer/reader take any ``{extension: bytes}`` samples, so the real data pipeline (VAE
+latents, text embeddings) reuses them with other extensions.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..errors import LIVEditorError
+from .shapes import FAMILIES, SPLITS, ShapeEditConfig, ShapeEditExample, generate_example
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "index.json"
+FORMAT = "liveditor-shapeedit-webdataset-v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give a finished temporary file ordinary permissions (mkstemp makes it private) and rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample encoding
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return np.asarray(image)
+
+
+def encode_example(example: ShapeEditExample) -> dict[str, bytes]:
+    """A ShapeEdit example as WebDataset sample files ``{extension: bytes}``."""
+    F, H, W, _ = example.source.shape
+    header = {
+        "instruction": example.instruction,
+        "family": example.family,
+        "frames": F,
+        "height": H,
+        "width": W,
+        "metadata": example.metadata,
+    }
+    return {
+        "json": json.dumps(header, sort_keys=True).encode("utf-8"),
+        "source.png": _png_bytes(example.source.reshape(F * H, W, 3)),
+        "target.png": _png_bytes(example.target.reshape(F * H, W, 3)),
+        "mask.png": _png_bytes(example.object_mask.reshape(F * H, W).astype(np.uint8) * 255),
+    }
+
+
+def decode_example(files: dict[str, bytes]) -> ShapeEditExample:
+    """Inverse of ``encode_example``; raises ``ValueError`` naming what is wrong with a sample."""
+    missing = [ext for ext in ("json", "source.png", "target.png", "mask.png") if ext not in files]
+    if missing:
+        raise ValueError(f"sample lacks {', '.join(missing)}")
+    try:
+        header = json.loads(files["json"].decode("utf-8"))
+        F, H, W = int(header["frames"]), int(header["height"]), int(header["width"])
+        instruction, family = str(header["instruction"]), str(header["family"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad json header: {exc}") from exc
+    try:
+        source, target, mask = (_png_array(files[ext]) for ext in ("source.png", "target.png", "mask.png"))
+    except Exception as exc:  # PIL raises many types for broken images
+        raise ValueError(f"undecodable image: {exc}") from exc
+    if source.shape != (F * H, W, 3) or target.shape != (F * H, W, 3) or mask.shape != (F * H, W):
+        raise ValueError(
+            f"image shapes {source.shape}, {target.shape}, {mask.shape} do not match {F} frames of {H}x{W}"
+        )
+    source = source.reshape(F, H, W, 3)
+    target = target.reshape(F, H, W, 3)
+    return ShapeEditExample(
+        source=source,
+        target=target,
+        instruction=instruction,
+        family=family,
+        object_mask=mask.reshape(F, H, W) > 127,
+        edit_mask=np.any(source != target, axis=-1),
+        metadata=header.get("metadata", {}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+
+
+class ShardWriter:
+    """Write samples into numbered tar shards of at most ``samples_per_shard`` samples.
+
+    Each shard is written to a temporary file and renamed into place when full or on ``close()``.
+    Existing shards are never overwritten unless ``overwrite=True``.
+    """
+
+    def __init__(self, directory, prefix: str = "shard", samples_per_shard: int = 500, overwrite: bool = False):
+        if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+        if not prefix or "/" in prefix or "." in prefix:
+            raise ValueError(f"shard prefix must be a plain name without dots or slashes, got {prefix!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.overwrite = overwrite
+        self.shards: list[dict] = []  # {"name", "num_samples"} of finished shards
+        self._tar = None
+        self._tmp_path = None
+        self._count = 0
+        self._keys: set[str] = set()
+
+    def _shard_path(self, index: int) -> Path:
+        return self.directory / f"{self.prefix}-{index:06d}.tar"
+
+    def _open(self) -> None:
+        path = self._shard_path(len(self.shards))
+        if path.exists() and not self.overwrite:
+            raise LIVEditorError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        fd, self._tmp_path = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
+        os.close(fd)
+        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _finish(self) -> None:
+        self._tar.close()
+        path = self._shard_path(len(self.shards))
+        _publish(self._tmp_path, path)
+        self.shards.append({"name": path.name, "num_samples": self._count})
+        self._tar = self._tmp_path = None
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"sample key must be a plain name without dots or slashes, got {key!r}")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if not files:
+            raise ValueError(f"sample {key!r} has no files")
+        if self._tar is None:
+            self._open()
+        mtime = int(time.time())
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = mtime
+            self._tar.addfile(info, io.BytesIO(data))
+        self._keys.add(key)
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish()
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (finished shards stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            os.unlink(self._tmp_path)
+            self._tar = self._tmp_path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_manifest(directory, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST
+    with atomic_output(path, "w") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return path
+
+
+def write_shapeedit_shards(
+    directory,
+    num_examples: int,
+    split: str = "train",
+    start_seed: int = 0,
+    samples_per_shard: int = 500,
+    config: ShapeEditConfig | None = None,
+    families: Iterable[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Generate ShapeEdit examples ``start_seed .. start_seed+num_examples-1`` of ``split`` into
+    shards in ``directory`` and write its manifest; returns the manifest.
+
+    ``families`` restricts (and cycles through) edit families; default all six, balanced.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+    if isinstance(start_seed, bool) or not isinstance(start_seed, int) or start_seed < 0:
+        raise ValueError(f"start_seed must be a non-negative int, got {start_seed!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    families = tuple(FAMILIES if families is None else families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown:
+        raise ValueError(f"unknown edit families {unknown or families!r}; known: {', '.join(FAMILIES)}")
+    config = ShapeEditConfig() if config is None else config
+    directory = Path(directory)
+    if (directory / MANIFEST).exists() and not overwrite:
+        raise LIVEditorError(f"{directory} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+
+    with ShardWriter(directory, prefix=split, samples_per_shard=samples_per_shard, overwrite=overwrite) as writer:
+        for i in tqdm(range(num_examples), desc=f"ShapeEdit {split}", unit="clip", disable=not progress):
+            seed = start_seed + i
+            example = generate_example(seed, split, families[i % len(families)], config)
+            writer.write(f"{split}-{seed:08d}", encode_example(example))
+    manifest = {
+        "format": FORMAT,
+        "split": split,
+        "start_seed": start_seed,
+        "num_samples": num_examples,
+        "families": list(families),
+        "config": config.__dict__.copy(),
+        "shards": writer.shards,
+    }
+    write_manifest(directory, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass
+class ReadStats:
+    """What a reader skipped. Counted, never silent."""
+
+    shards_read: int = 0
+    samples_read: int = 0
+    corrupt_shards: int = 0
+    corrupt_samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def _note(self, message: str) -> None:
+        logger.warning(message)
+        if len(self.problems) < 100:
+            self.problems.append(message)
+
+
+def resolve_shards(source) -> list[Path]:
+    """Shard paths from a folder (its ``*.tar``), a glob pattern, a file, or a list of those."""
+    if isinstance(source, (list, tuple)):
+        paths = [p for item in source for p in resolve_shards(item)]
+    else:
+        text = os.fspath(source)
+        if os.path.isdir(text):
+            paths = sorted(Path(text).glob("*.tar"))
+        elif any(ch in text for ch in "*?["):
+            paths = [Path(p) for p in sorted(glob.glob(text))]
+        elif os.path.isfile(text):
+            paths = [Path(text)]
+        else:
+            raise FileNotFoundError(f"no shard file, folder or pattern at {text}")
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards found in {source}")
+    return paths
+
+
+def _group_samples(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    key, files = None, {}
+    for name, data in members:
+        base = os.path.basename(name)
+        sample_key, _, ext = base.partition(".")
+        if sample_key != key:
+            if key is not None:
+                yield key, files
+            key, files = sample_key, {}
+        files[ext] = data
+    if key is not None:
+        yield key, files
+
+
+def read_shard(path, stats: ReadStats | None = None) -> list[tuple[str, dict[str, bytes]]]:
+    """All ``(key, files)`` samples of one shard, or ``[]`` (warned, counted) if it is corrupt.
+
+    The whole shard is read before anything is returned, so a truncated shard yields nothing
+    rather than a silent prefix of itself.
+    """
+    stats = ReadStats() if stats is None else stats
+    members = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                handle = tar.extractfile(member)
+                members.append((member.name, handle.read()))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        stats.corrupt_shards += 1
+        stats._note(f"skipping corrupt shard {path}: {exc}")
+        return []
+    stats.shards_read += 1
+    return list(_group_samples(members))
+
+
+def iter_examples(source, stats: ReadStats | None = None) -> Iterator[ShapeEditExample]:
+    """Decoded ShapeEdit examples from shards (see ``resolve_shards``), skipping corrupt ones."""
+    stats = ReadStats() if stats is None else stats
+    for path in resolve_shards(source):
+        for key, files in read_shard(path, stats):
+            try:
+                example = decode_example(files)
+            except ValueError as exc:
+                stats.corrupt_samples += 1
+                stats._note(f"skipping corrupt sample {key} in {path}: {exc}")
+                continue
+            stats.samples_read += 1
+            yield example
+
+
+def example_to_tensors(example: ShapeEditExample) -> dict:
+    """Training view of an example: videos as float ``[3, F, H, W]`` in [-1, 1]."""
+
+    def video(array):
+        return torch.from_numpy(np.array(array)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+    return {
+        "source": video(example.source),
+        "target": video(example.target),
+        "instruction": example.instruction,
+        "family": example.family,
+    }
+
+
+class ShapeEditShards(IterableDataset):
+    """Stream examples from shards, split over DataLoader workers and distributed processes.
+
+    Each (process, worker) reads its own subset of shards, so use at least
+    ``num_processes * num_workers`` shards. ``set_epoch`` reshuffles shard and sample order.
+    Skipped shards and samples are counted in ``self.stats`` (per worker process).
+    """
+
+    def __init__(self, source, shuffle: bool = True, seed: int = 0, process_index: int = 0, num_processes: int = 1):
+        self.paths = resolve_shards(source)
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} must be in [0, {num_processes})")
+        self.shuffle = shuffle
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.epoch = 0
+        self.stats = ReadStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
+        slot, slots = self.process_index * num_workers + worker_id, self.num_processes * num_workers
+        for index in order[slot::slots]:
+            examples = list(iter_examples([self.paths[index]], self.stats))
+            for j in rng.permutation(len(examples)) if self.shuffle else range(len(examples)):
+                yield example_to_tensors(examples[j])
+
+
+class ShapeEditDataset(Dataset):
+    """Examples generated on the fly: item ``i`` is ``generate_example(start_seed + i, split)``.
+
+    No disk needed; generation takes a few milliseconds per clip.
+    """
+
+    def __init__(self, length: int, split: str = "train", start_seed: int = 0, config: ShapeEditConfig | None = None):
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        self.length = length
+        self.split = split
+        self.start_seed = start_seed
+        self.config = ShapeEditConfig() if config is None else config
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return example_to_tensors(generate_example(self.start_seed + index, self.split, config=self.config))

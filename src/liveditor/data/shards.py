@@ -255,7 +255,8 @@ def write_shapeedit_shards(
     """Generate ShapeEdit examples ``start_seed .. start_seed+num_examples-1`` of ``split`` into
     shards in ``directory`` and write its manifest; returns the manifest.
 
-    ``families`` restricts (and cycles through) edit families; default all six, balanced.
+    Example ``seed`` has family ``families[seed % len(families)]`` (default all six, balanced;
+    the same clips as ``generate_example(seed, split)``).
     """
     from tqdm.auto import tqdm
 
@@ -277,7 +278,7 @@ def write_shapeedit_shards(
     with ShardWriter(directory, prefix=split, samples_per_shard=samples_per_shard, overwrite=overwrite) as writer:
         for i in tqdm(range(num_examples), desc=f"ShapeEdit {split}", unit="clip", disable=not progress):
             seed = start_seed + i
-            example = generate_example(seed, split, families[i % len(families)], config)
+            example = generate_example(seed, split, families[seed % len(families)], config)
             writer.write(f"{split}-{seed:08d}", encode_example(example))
     manifest = {
         "format": FORMAT,
@@ -354,12 +355,19 @@ def read_shard(path, stats: ReadStats | None = None) -> list[tuple[str, dict[str
     stats = ReadStats() if stats is None else stats
     members = []
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                handle = tar.extractfile(member)
-                members.append((member.name, handle.read()))
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{member.name} is truncated")
+                members.append((member.name, data))
+            # tarfile stops quietly at a cut between members; a complete archive ends with two
+            # zero blocks.
+            raw.seek(tar.offset)
+            if raw.read(1024) != bytes(1024):
+                raise tarfile.ReadError("archive is truncated (no end-of-archive marker)")
     except (tarfile.TarError, EOFError, OSError) as exc:
         stats.corrupt_shards += 1
         stats._note(f"skipping corrupt shard {path}: {exc}")

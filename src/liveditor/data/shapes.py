@@ -445,7 +445,7 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
             (s, c)
             for s in BACKGROUND_STYLES
             for c in BACKGROUND_COLORS
-            if (s, c) != (source.background_style, source.background_color)
+            if c != source.background_color  # a new colour keeps every background edit clearly visible
         ]
         style, color = choices[int(rng.integers(len(choices)))]
         target.background_style, target.background_color = style, color

@@ -1,0 +1,356 @@
+"""ISA on the GPU: Triton kernels as torch custom ops (fake impls, autograd) and the operator built on them.
+
+The operator (`isa_attention_triton`) runs the same stages as the PyTorch path and takes the same
+decisions (it calls `reference.coarse_decisions` on the pooled tensors):
+
+1. `liveditor::isa_pool`: fp32 block means of q, k, v (Triton, one pass).
+2. Coarse logits, softmax, context ranking, sharpness routing and each flat block's exact key
+   blocks: torch ops on the device (top-k stays on the GPU, no host sync).
+3. Exact group: the fastest dense kernel present, chosen by measurement (FlashAttention-3 if
+   installed, else SDPA cuDNN / flash / efficient) over the gathered sharp query blocks and the
+   kept keys; or the Triton kernel itself where that is faster or the kept keys carry padding.
+4. `liveditor::isa_sparse_attention`: the Taylor group and the scatter of the exact group into
+   token order, one kernel launch each (Triton).
+5. Optional coarse residual (torch ops).
+
+Every step is traceable by torch.compile without graph breaks: the Triton launches sit behind
+custom ops with fake implementations, everything else is aten ops with static shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import ISAConfig, ISAInfo, block_counts
+from .reference import _flop_fraction, coarse_decisions
+from .triton_pool import pool_qkv
+from .triton_sparse import gather_exact_rows, sparse_backward, sparse_forward
+
+logger = logging.getLogger(__name__)
+
+EXACT_KERNELS = ("auto", "dense", "triton")
+
+
+def _num_blocks(num_source: int, n_tokens: int, block_size: int) -> tuple[int, int]:
+    n_src = -(-num_source // block_size)
+    return n_src, n_src + -(-(n_tokens - num_source) // block_size)
+
+
+def block_spans(blocks: torch.Tensor, num_source: int, n_tokens: int, block_size: int):
+    """First token and true length of each block id in `blocks` (same shape, long)."""
+    n_src = -(-num_source // block_size)
+    is_src = blocks < n_src
+    start = torch.where(is_src, blocks * block_size, num_source + (blocks - n_src) * block_size)
+    limit = torch.where(is_src, torch.full_like(blocks, num_source), torch.full_like(blocks, n_tokens))
+    return start, torch.minimum(start + block_size, limit) - start
+
+
+# --------------------------------------------------------------------------------- pooling op
+
+
+@torch.library.custom_op("liveditor::isa_pool", mutates_args=())
+def isa_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_source: int, block_size: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    return pool_qkv(q, k, v, num_source, block_size)
+
+
+@isa_pool.register_fake
+def _isa_pool_fake(q, k, v, num_source, block_size):
+    B, H, N, D = q.shape
+    _, nb = _num_blocks(num_source, N, block_size)
+    return tuple(q.new_empty(B, H, nb, D, dtype=torch.float32) for _ in range(3))
+
+
+def _isa_pool_setup(ctx, inputs, output):
+    q, k, v, num_source, block_size = inputs
+    ctx.num_source, ctx.block_size = num_source, block_size
+    ctx.n_tokens = q.shape[2]
+    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+
+
+def _isa_pool_backward(ctx, dqc, dkc, dvc):
+    n_tokens, b = ctx.n_tokens, ctx.block_size
+    grads = []
+    for grad, dtype in zip((dqc, dkc, dvc), ctx.dtypes):
+        if grad is None:
+            grads.append(None)
+            continue
+        n_src, nb = _num_blocks(ctx.num_source, n_tokens, b)
+        blocks = torch.arange(nb, device=grad.device)
+        _, length = block_spans(blocks, ctx.num_source, n_tokens, b)
+        token = torch.arange(n_tokens, device=grad.device)
+        ctx_first = n_src * b - ctx.num_source  # shift from context tokens' positions to padded slots
+        token_block = torch.where(token < ctx.num_source, token, token + ctx_first) // b
+        grads.append((grad / length[:, None].to(grad.dtype))[:, :, token_block].to(dtype))
+    return (*grads, None, None)
+
+
+isa_pool.register_autograd(_isa_pool_backward, setup_context=_isa_pool_setup)
+
+
+# ------------------------------------------------------------------------- sparse attention op
+
+
+@torch.library.custom_op("liveditor::isa_sparse_attention", mutates_args=())
+def isa_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_k: torch.Tensor, pooled_v: torch.Tensor,
+    kept: torch.Tensor, query_order: torch.Tensor, exact_lists: torch.Tensor, exact_mask: torch.Tensor,
+    exact_out: Optional[torch.Tensor], num_source: int, block_size: int, num_full: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
+                          num_source, block_size, num_full, scale)
+
+
+@isa_sparse_attention.register_fake
+def _isa_sparse_attention_fake(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
+                               num_source, block_size, num_full, scale):
+    B, H, N, D = q.shape
+    return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("liveditor::isa_sparse_attention_backward", mutates_args=())
+def isa_sparse_attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooled_k: torch.Tensor,
+    pooled_v: torch.Tensor, kept: torch.Tensor, query_order: torch.Tensor, exact_lists: torch.Tensor,
+    exact_mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, exact_from_dense: bool, num_source: int,
+    block_size: int, num_full: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
+                           exact_from_dense, num_source, block_size, num_full, scale)
+
+
+@isa_sparse_attention_backward.register_fake
+def _isa_sparse_attention_backward_fake(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists,
+                                        exact_mask, out, lse, exact_from_dense, num_source, block_size, num_full,
+                                        scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            pooled_k.new_empty(pooled_k.shape, dtype=torch.float32),
+            pooled_v.new_empty(pooled_v.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("liveditor::isa_gather_exact_rows", mutates_args=())
+def isa_gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int,
+                          num_full: int) -> torch.Tensor:
+    return gather_exact_rows(x, query_order, num_source, block_size, num_full)
+
+
+@isa_gather_exact_rows.register_fake
+def _isa_gather_exact_rows_fake(x, query_order, num_source, block_size, num_full):
+    B, H, _, D = x.shape
+    return x.new_empty(B, H, num_full * block_size, D)
+
+
+def _sparse_setup(ctx, inputs, output):
+    (q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
+     num_source, block_size, num_full, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse)
+    ctx.exact_from_dense = exact_out is not None
+    ctx.args = (num_source, block_size, num_full, scale)
+
+
+def _sparse_backward(ctx, dout, dlse):
+    q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse = ctx.saved_tensors
+    num_source, block_size, num_full, scale = ctx.args
+    dq, dk, dv, dpk, dpv = isa_sparse_attention_backward(
+        dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
+        ctx.exact_from_dense, num_source, block_size, num_full, scale,
+    )
+    d_exact = None
+    if ctx.exact_from_dense:
+        d_exact = isa_gather_exact_rows(dout, query_order, num_source, block_size, num_full)
+    return (dq, dk, dv, dpk.to(pooled_k.dtype), dpv.to(pooled_v.dtype), None, None, None, None, d_exact,
+            None, None, None, None)
+
+
+isa_sparse_attention.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
+# ------------------------------------------------------------------- dense kernel for the exact group
+
+_DENSE_CHOICE: dict = {}
+
+
+def _dense_candidates(masked: bool) -> list[str]:
+    names = []
+    if not masked:
+        try:
+            import flash_attn_interface  # noqa: F401  FlashAttention-3 (Hopper)
+
+            names.append("fa3")
+        except ImportError:
+            pass
+    return names + ["cudnn", "flash", "efficient"]
+
+
+def _run_dense(name: str, q, k, v, mask, scale):
+    if name == "fa3":
+        from flash_attn_interface import flash_attn_func
+
+        result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        out = result[0] if isinstance(result, tuple) else result
+        return out.transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _measure_dense(device, dtype, head_dim: int, masked: bool) -> str:
+    """The fastest dense kernel on this device for a mid-size problem (forward, CUDA events)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (1, 8, 8192, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    mask = torch.rand(1, 1, 1, shape[2], device=device, generator=gen) > 0.01 if masked else None
+    timings = {}
+    for name in _dense_candidates(masked):
+        try:
+            for _ in range(2):
+                _run_dense(name, q, k, v, mask, None)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                _run_dense(name, q, k, v, mask, None)
+            stop.record()
+            stop.synchronize()
+            timings[name] = start.elapsed_time(stop) / 5
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    if not timings:
+        return "default"
+    best = min(timings, key=timings.get)
+    logger.info("ISA exact group: dense kernel %r (forward ms at [1,8,8192,%d]: %s)", best, head_dim,
+                {name: round(ms, 3) for name, ms in timings.items()})
+    return best
+
+
+def dense_exact_kernel(q: torch.Tensor, masked: bool) -> str:
+    """Name of the dense kernel used for the exact group on q's device ("default" = SDPA's own pick)."""
+    if not q.is_cuda:
+        return "default"
+    key = (q.device.index, q.dtype, q.shape[-1], masked)
+    if key not in _DENSE_CHOICE:
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return "default"
+        _DENSE_CHOICE[key] = _measure_dense(q.device, q.dtype, q.shape[-1], masked)
+    return _DENSE_CHOICE[key]
+
+
+def dense_attention_by(name: str, q, k, v, mask, scale):
+    if name == "default" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _run_dense(name, q, k, v, mask, scale)
+
+
+# ------------------------------------------------------------------------------ the operator
+
+
+def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"inputs are on {q.device.type}, not CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not float16/bfloat16/float32"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} is over 256"
+    if config.block_size > 128:
+        return f"block_size {config.block_size} is over 128"
+    return None
+
+
+def _exact_group_dense(q, k, v, query_order, selected, num_source, block_size, num_full, scale):
+    """The exact group through a dense kernel: packed `[B, H, num_full*b, D]` in query_order."""
+    B, H, N, D = q.shape
+    b = block_size
+    device = q.device
+    bi = torch.arange(B, device=device)[:, None, None]
+    hi = torch.arange(H, device=device)[None, :, None]
+    offsets = torch.arange(b, device=device)
+    start, length = block_spans(query_order[..., :num_full].long(), num_source, N, b)
+    rows = start[..., None] + torch.minimum(offsets, length[..., None] - 1)  # padding repeats a real row
+    q_ex = q[bi, hi, rows.flatten(2)]
+
+    mask = None
+    if N > num_source:
+        n_src, _ = _num_blocks(num_source, N, b)
+        ctx_start, ctx_len = block_spans(selected + n_src, num_source, N, b)
+        ctx_rows = ctx_start[..., None] + torch.minimum(offsets, ctx_len[..., None] - 1)
+        k_ex = torch.cat([k[:, :, :num_source], k[bi, hi, ctx_rows.flatten(2)]], dim=2)
+        v_ex = torch.cat([v[:, :, :num_source], v[bi, hi, ctx_rows.flatten(2)]], dim=2)
+        if (N - num_source) % b:
+            ctx_valid = (offsets < ctx_len[..., None]).flatten(2)
+            src_valid = torch.ones(B, H, num_source, dtype=torch.bool, device=device)
+            mask = torch.cat([src_valid, ctx_valid], dim=2)[:, :, None, :]
+    else:
+        k_ex, v_ex = k, v
+    name = dense_exact_kernel(q, mask is not None)
+    return dense_attention_by(name, q_ex, k_ex, v_ex, mask, scale)
+
+
+def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None, scale: float = 1.0,
+                         return_info: bool = False, exact_kernel: str = "auto"):
+    """ISA on already-validated `[B, H, N, D]` inputs with the Triton kernels (see isa_attention).
+
+    exact_kernel: "dense" runs the exact group through the fastest dense kernel, "triton" through
+    this package's kernel, "auto" picks dense unless the kept keys hold padding (context length
+    not a multiple of the block size), where the dense kernels would need a mask.
+    """
+    if exact_kernel not in EXACT_KERNELS:
+        raise ValueError(f"exact_kernel must be one of {EXACT_KERNELS}, got {exact_kernel!r}")
+    B, H, N, D = q.shape
+    b = config.block_size
+    num_context = N - num_source
+    counts = block_counts(num_source, num_context, config)
+    n_full, n_exact = counts.num_full, counts.num_exact
+
+    qc, kc, vc = isa_pool(q, k, v, num_source, b)
+    _, probs, kept, selected, exact_query, exact_key = coarse_decisions(qc, kc, scale, counts, config)
+
+    query_order = torch.sort(exact_query.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    query_order = query_order.to(torch.int32).contiguous()
+    exact_mask = exact_key.to(torch.uint8).contiguous()
+    exact_lists = exact_mask.topk(n_exact, dim=-1).indices.to(torch.int32).contiguous()
+    kept_index = kept[..., None].expand(B, H, counts.num_kept, D)
+    pooled_k = kc.gather(2, kept_index).to(q.dtype)
+    pooled_v = vc.gather(2, kept_index).to(v.dtype)
+
+    use_dense = exact_kernel == "dense" or (exact_kernel == "auto" and num_context % b == 0)
+    exact_out = None
+    if use_dense:
+        exact_out = _exact_group_dense(q, k, v, query_order, selected, num_source, b, n_full, scale)
+    out, _ = isa_sparse_attention(q, k, v, pooled_k, pooled_v, kept.to(torch.int32).contiguous(), query_order,
+                                  exact_lists, exact_mask, exact_out, num_source, b, n_full, float(scale))
+
+    if gate is not None:
+        n_src, nb = _num_blocks(num_source, N, b)
+        token = torch.arange(N, device=q.device)
+        token_block = torch.where(token < num_source, token, token + n_src * b - num_source) // b
+        coarse_out = (probs @ vc)[:, :, token_block]
+        out = (out.to(coarse_out.dtype) + gate.reshape(B, 1, N, 1).to(coarse_out.dtype) * coarse_out).to(q.dtype)
+
+    if not return_info:
+        return out
+    from .layout import block_layout
+
+    layout = block_layout(num_source, num_context, b, q.device)
+    info = ISAInfo(
+        selected_context_blocks=selected,
+        exact_query_blocks=exact_query,
+        num_source_blocks=counts.num_source_blocks,
+        num_context_blocks=counts.num_context_blocks,
+        flop_fraction=_flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
+    )
+    return out, info

@@ -1,0 +1,45 @@
+"""Pieces shared by the ISA Triton kernels: block spans, the dot product, launch constants."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter (used by the tests when no GPU is present) mis-reads bf16 operands of
+# tl.dot, so under the interpreter every dot runs on fp32 copies of its operands. The products of
+# bf16/fp16 values are exact in fp32, so this matches the tensor cores' fp32 accumulation.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+
+
+def tile_rows(block_size: int) -> int:
+    """Rows of a query/key tile: the block size rounded up to a power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(block_size))
+
+
+def tile_dims(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def block_span(blk, n_src, L_src, N, BLOCK_SIZE: tl.constexpr):
+    """First token and true length of block `blk` (scalar or vector): source blocks, then context."""
+    is_src = blk < n_src
+    start = tl.where(is_src, blk * BLOCK_SIZE, L_src + (blk - n_src) * BLOCK_SIZE)
+    limit = tl.where(is_src, L_src, N)
+    length = tl.minimum(start + BLOCK_SIZE, limit) - start
+    return start, length
+
+
+@triton.jit
+def mma(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation (IEEE fp32 for fp32 inputs instead of tf32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)

@@ -1,0 +1,435 @@
+"""Triton kernels: ISA's block-sparse attention (exact and 0th-order Taylor groups), forward and backward.
+
+Query blocks are listed per (batch, head) in `query_order`: the first `num_full` are the exact group,
+the rest the Taylor group. A Taylor block attends, under one online softmax, to the tokens of its
+`n_exact` exact key blocks (`exact_lists`, indices into the kept list) and to the pooled key of
+every other kept block with logit bias log(block length) (`exact_mask` marks the exact ones). An
+exact block attends to every token of every kept block; when a dense kernel already computed the
+exact group (`exact_out`), its rows are only scattered into place. Tokens are read and written
+in place (no gathered copies), so block gathers and the final scatter are fused into the kernels.
+
+Everything runs in the base-2 domain (logits times log2(e)); the saved log-sum-exp is natural.
+Backward recomputes probabilities from the saved log-sum-exp (FlashAttention style): one kernel
+for dq (per query block), one for dk/dv of exact key blocks (per kept block, over the query blocks
+that use it exactly) and one for the pooled keys/values (per chunk of kept blocks, over the Taylor
+query blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import INTERPRET, LOG2E, block_span, mma, tile_dims, tile_rows
+from .triton_pool import last_dim_contiguous
+
+POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
+
+
+@triton.jit
+def _load_rows(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
+    return tl.load(ptrs, mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_pooled(XP, bh, pidx, n_kv, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = XP + (bh.to(tl.int64) * n_kv + pidx)[:, None] * HEAD_DIM + dims[None, :]
+    return tl.load(ptrs, mask=(pidx < n_kv)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, KP, VP, KEPT, QORDER, ELIST, EMASK, O, LSE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, L_src, n_src, nb, n_kv, n_full, n_exact, first_group, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    g = first_group + tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    pcols = tl.arange(0, BLOCK_P)
+    qb = tl.load(QORDER + bh * nb + g)
+    q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
+    q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+
+    is_exact = g < n_full
+    n_blocks = tl.where(is_exact, n_kv, n_exact)
+    n_chunks = tl.where(is_exact, 0, tl.cdiv(n_kv, BLOCK_P))
+    list_base = ELIST + (bh.to(tl.int64) * nb + qb) * n_exact
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for e in range(n_blocks):
+        listed = tl.load(list_base + tl.minimum(e, n_exact - 1))
+        kidx = tl.where(is_exact, e, listed)
+        kb = tl.load(KEPT + bh * n_kv + kidx)
+        k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = tl.where((rows < k_len)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+
+    mask_base = EMASK + (bh.to(tl.int64) * nb + qb) * n_kv
+    for c in range(n_chunks):
+        pidx = c * BLOCK_P + pcols
+        pvalid = pidx < n_kv
+        kp = _load_pooled(KP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+        kb = tl.load(KEPT + bh * n_kv + pidx, mask=pvalid, other=0)
+        _, p_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+        exact = tl.load(mask_base + pidx, mask=pvalid, other=1)
+        s = mma(q, tl.trans(kp), UPCAST, IEEE) * qk_scale + tl.log2(p_len.to(tl.float32))[None, :]
+        s = tl.where((pvalid & (exact == 0))[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vp = _load_pooled(VP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+        acc = acc * alpha[:, None] + mma(p.to(vp.dtype), vp, UPCAST, IEEE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    row_ok = rows < q_len
+    o_ptrs = O + bh.to(tl.int64) * N * HEAD_DIM + (q_start + rows)[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N + q_start + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    SRC, DST, QORDER, H, N, L_src, n_src, nb, n_full, TO_TOKENS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Exact-group rows between the dense kernel's packed layout `[B, H, n_full*b, D]` and token order.
+
+    TO_TOKENS: packed -> tokens (forward scatter); else tokens -> packed with padding rows zeroed.
+    """
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    qb = tl.load(QORDER + bh * nb + g)
+    start, length = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
+    dmask = (dims < HEAD_DIM)[None, :]
+    packed = (bh.to(tl.int64) * n_full * BLOCK_SIZE + g * BLOCK_SIZE + rows)[:, None] * HEAD_DIM + dims[None, :]
+    tokens = (bh.to(tl.int64) * N + start + rows)[:, None] * HEAD_DIM + dims[None, :]
+    in_block = (rows < BLOCK_SIZE)[:, None] & dmask
+    valid = (rows < length)[:, None] & dmask
+    if TO_TOKENS:
+        x = tl.load(SRC + packed, mask=valid, other=0.0)
+        tl.store(DST + tokens, x, mask=valid)
+    else:
+        x = tl.load(SRC + tokens, mask=valid, other=0.0)
+        tl.store(DST + packed, x, mask=in_block)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, KP, VP, KEPT, QORDER, ELIST, EMASK, DQ,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, L_src, n_src, nb, n_kv, n_full, n_exact, first_group, qk_scale, scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    g = first_group + tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    pcols = tl.arange(0, BLOCK_P)
+    qb = tl.load(QORDER + bh * nb + g)
+    q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
+    row_ok = rows < q_len
+    q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    tok = bh.to(tl.int64) * N + q_start + rows
+    do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :],
+                 other=0.0)
+    lse2 = tl.load(LSE + tok, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
+
+    is_exact = g < n_full
+    n_blocks = tl.where(is_exact, n_kv, n_exact)
+    n_chunks = tl.where(is_exact, 0, tl.cdiv(n_kv, BLOCK_P))
+    list_base = ELIST + (bh.to(tl.int64) * nb + qb) * n_exact
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for e in range(n_blocks):
+        listed = tl.load(list_base + tl.minimum(e, n_exact - 1))
+        kidx = tl.where(is_exact, e, listed)
+        kb = tl.load(KEPT + bh * n_kv + kidx)
+        k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        ok = row_ok[:, None] & (rows < k_len)[None, :]
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(k.dtype), k, UPCAST, IEEE)
+
+    mask_base = EMASK + (bh.to(tl.int64) * nb + qb) * n_kv
+    for c in range(n_chunks):
+        pidx = c * BLOCK_P + pcols
+        pvalid = pidx < n_kv
+        kp = _load_pooled(KP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+        vp = _load_pooled(VP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+        kb = tl.load(KEPT + bh * n_kv + pidx, mask=pvalid, other=0)
+        _, p_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+        exact = tl.load(mask_base + pidx, mask=pvalid, other=1)
+        s = mma(q, tl.trans(kp), UPCAST, IEEE) * qk_scale + tl.log2(p_len.to(tl.float32))[None, :]
+        ok = row_ok[:, None] & (pvalid & (exact == 0))[None, :]
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(vp), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kp.dtype), kp, UPCAST, IEEE)
+
+    dq_ptrs = DQ + tok[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KEPT, USERS, N_USERS, DK, DV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, L_src, n_src, nb, n_kv, qk_scale, scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dk, dv of the tokens of one kept block from every query block that attends to it exactly."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = (dims < HEAD_DIM)[None, :]
+    kb = tl.load(KEPT + bh * n_kv + j)
+    k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+    k_ok = rows < k_len
+    k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    user_base = USERS + (bh.to(tl.int64) * n_kv + j) * nb
+    n_users = tl.load(N_USERS + bh * n_kv + j)
+    for u in range(n_users):
+        qb = tl.load(user_base + u)
+        q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
+        q_ok = rows < q_len
+        q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        tok = bh.to(tl.int64) * N + q_start + rows
+        do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
+        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
+        s_t = mma(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [keys, queries]
+        ok = k_ok[:, None] & q_ok[None, :]
+        p_t = tl.where(ok, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += mma(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dp_t = mma(v, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += mma(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    out = (bh.to(tl.int64) * N + k_start + rows)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & dmask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dmask)
+
+
+@triton.jit
+def _bwd_pooled_kernel(
+    Q, DO, LSE, DELTA, KP, VP, KEPT, QORDER, EMASK, DKP, DVP,
+    sqb, sqh, sqn,
+    H, N, L_src, n_src, nb, n_kv, n_full, qk_scale, scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Gradients of a chunk of pooled keys/values from every Taylor query block that uses them."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = (dims < HEAD_DIM)[None, :]
+    pidx = c * BLOCK_P + tl.arange(0, BLOCK_P)
+    pvalid = pidx < n_kv
+    kp = _load_pooled(KP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+    vp = _load_pooled(VP, bh, pidx, n_kv, BLOCK_D, HEAD_DIM)
+    kb = tl.load(KEPT + bh * n_kv + pidx, mask=pvalid, other=0)
+    _, p_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
+    log_len = tl.log2(p_len.to(tl.float32))
+    dkp = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dvp = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for g in range(n_full, nb):
+        qb = tl.load(QORDER + bh * nb + g)
+        q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
+        q_ok = rows < q_len
+        q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        tok = bh.to(tl.int64) * N + q_start + rows
+        do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
+        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
+        exact = tl.load(EMASK + (bh.to(tl.int64) * nb + qb) * n_kv + pidx, mask=pvalid, other=1)
+        s_t = mma(kp, tl.trans(q), UPCAST, IEEE) * qk_scale + log_len[:, None]  # [pooled, queries]
+        ok = (pvalid & (exact == 0))[:, None] & q_ok[None, :]
+        p_t = tl.where(ok, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dvp += mma(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dp_t = mma(vp, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dkp += mma(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    out = (bh.to(tl.int64) * n_kv + pidx)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(DKP + out, dkp * scale, mask=pvalid[:, None] & dmask)
+    tl.store(DVP + out, dvp, mask=pvalid[:, None] & dmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers. Integer tables are int32 and contiguous; outputs are contiguous [B, H, N, D].
+
+
+def _meta(q: torch.Tensor, block_size: int) -> dict:
+    return dict(
+        BLOCK_SIZE=block_size,
+        BLOCK_M=tile_rows(block_size),
+        BLOCK_D=tile_dims(q.shape[-1]),
+        HEAD_DIM=q.shape[-1],
+        UPCAST=INTERPRET,
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _launch_options(block_size: int, head_dim: int) -> dict:
+    big = tile_rows(block_size) * tile_dims(head_dim) >= 64 * 128
+    return dict(num_warps=8 if big else 4, num_stages=2)
+
+
+def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
+                   num_source: int, block_size: int, num_full: int, scale: float):
+    """Forward of both groups; returns (out [B,H,N,D] in q's dtype, lse [B,H,N] fp32).
+
+    exact_out: the exact group computed by a dense kernel, packed `[B, H, num_full*b, D]` in
+    query_order, or None to compute the exact group here.
+    """
+    B, H, N, D = q.shape
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    nb = query_order.shape[-1]
+    n_kv = kept.shape[-1]
+    n_exact = exact_lists.shape[-1]
+    n_src = -(-num_source // block_size)
+    out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    meta = _meta(q, block_size)
+    first = 0
+    if exact_out is not None:
+        first = num_full
+        _scatter_rows_kernel[(num_full, B * H)](
+            exact_out.contiguous(), out, query_order, H, N, num_source, n_src, nb, num_full, TO_TOKENS=True,
+            BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+        )
+    if nb > first:
+        _fwd_kernel[(nb - first, B * H)](
+            q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
+            *_strides(q, k, v),
+            H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E,
+            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D),
+        )
+    return out, lse
+
+
+def gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int, num_full: int):
+    """Token-ordered `[B,H,N,D]` -> packed exact-group rows `[B,H,num_full*b,D]`, padding rows zero."""
+    B, H, N, D = x.shape
+    x = x.contiguous()
+    nb = query_order.shape[-1]
+    packed = torch.empty(B, H, num_full * block_size, D, device=x.device, dtype=x.dtype)
+    meta = _meta(x, block_size)
+    _scatter_rows_kernel[(num_full, B * H)](
+        x, packed, query_order, H, N, num_source, -(-num_source // block_size), nb, num_full, TO_TOKENS=False,
+        BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+    )
+    return packed
+
+
+def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, num_full: int, exact_in_kernel: bool):
+    """For every kept block, the query blocks that attend to its tokens exactly in these kernels.
+
+    Returns (users [B,H,n_kv,nb] int32, first n_users entries valid; n_users [B,H,n_kv] int32).
+    """
+    B, H, nb, n_kv = exact_mask.shape
+    uses = exact_mask.bool()
+    exact_rows = torch.zeros(B, H, nb, dtype=torch.bool, device=uses.device)
+    exact_rows.scatter_(-1, query_order[..., :num_full].long(), True)
+    uses = uses & ~exact_rows[..., None]
+    if exact_in_kernel:
+        uses = uses | exact_rows[..., None]
+    uses_t = uses.transpose(-1, -2)  # [B, H, n_kv, nb]
+    position = uses_t.to(torch.int32).cumsum(-1) - 1
+    position = torch.where(uses_t, position, torch.full_like(position, nb))  # unused -> spill column
+    users = torch.zeros(B, H, n_kv, nb + 1, dtype=torch.int32, device=uses.device)
+    block_ids = torch.arange(nb, dtype=torch.int32, device=uses.device).expand(B, H, n_kv, nb)
+    users.scatter_(-1, position.long(), block_ids)
+    return users[..., :nb].contiguous(), uses_t.sum(-1, dtype=torch.int32)
+
+
+def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
+                    exact_from_dense: bool, num_source: int, block_size: int, num_full: int, scale: float):
+    """Gradients of sparse_forward's `out`: (dq, dk, dv, d pooled_k fp32, d pooled_v fp32).
+
+    With exact_from_dense, the exact group's rows of dq/dk/dv are left to the dense kernel's backward.
+    """
+    B, H, N, D = q.shape
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    dout = dout.contiguous()
+    nb = query_order.shape[-1]
+    n_kv = kept.shape[-1]
+    n_exact = exact_lists.shape[-1]
+    n_src = -(-num_source // block_size)
+    meta = _meta(q, block_size)
+    options = _launch_options(block_size, D)
+    delta = (dout.float() * out.float()).sum(-1)  # [B, H, N]
+    dq = torch.zeros(B, H, N, D, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, H, N, D, device=q.device, dtype=k.dtype)
+    dv = torch.zeros(B, H, N, D, device=q.device, dtype=v.dtype)
+    dpk = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
+    dpv = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
+    first = num_full if exact_from_dense else 0
+    qk_scale = scale * LOG2E
+    if nb > first:
+        _bwd_dq_kernel[(nb - first, B * H)](
+            q, k, v, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,
+            *_strides(q, k, v),
+            H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, qk_scale, scale,
+            BLOCK_P=POOLED_CHUNK, **meta, **options,
+        )
+    users, n_users = exact_users(exact_mask, query_order, num_full, not exact_from_dense)
+    _bwd_dkdv_kernel[(n_kv, B * H)](
+        q, k, v, dout, lse, delta, kept, users, n_users, dk, dv,
+        *_strides(q, k, v),
+        H, N, num_source, n_src, nb, n_kv, qk_scale, scale,
+        **meta, **options,
+    )
+    if nb > num_full:
+        _bwd_pooled_kernel[(triton.cdiv(n_kv, POOLED_CHUNK), B * H)](
+            q, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_mask, dpk, dpv,
+            *_strides(q),
+            H, N, num_source, n_src, nb, n_kv, num_full, qk_scale, scale,
+            BLOCK_P=POOLED_CHUNK, **meta, **options,
+        )
+    return dq, dk, dv, dpk, dpv

@@ -1,7 +1,13 @@
-"""Backend choice for isa_attention."""
+"""Backend choice for isa_attention.
+
+"torch": the PyTorch path (any device and dtype, the reference). "triton": the Triton kernels
+(CUDA; also Triton's CPU interpreter when TRITON_INTERPRET=1, for tests). "auto": triton where it
+runs, else torch, saying once in a log line why it fell back.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -9,11 +15,37 @@ import torch
 from .config import ISAConfig
 from .reference import isa_attention_torch
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
+
+logger = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        logger.info("ISA backend auto: using the PyTorch path because %s", reason)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callable:
     """The function that computes ISA for `backend` on these inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return isa_attention_torch
+    try:
+        from .ops import isa_attention_triton, triton_unsupported_reason
+    except ImportError as exc:  # triton missing or broken
+        if backend == "triton":
+            raise ValueError(f'backend="triton" is not available: {exc}') from exc
+        _log_fallback_once(f"the Triton kernels cannot be imported ({exc})")
+        return isa_attention_torch
+    reason = triton_unsupported_reason(q, config)
+    if backend == "auto" and reason is None and not q.is_cuda:
+        reason = f"inputs are on {q.device.type}, not CUDA"
+    if reason is None:
+        return isa_attention_triton
+    if backend == "triton":
+        raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
+    _log_fallback_once(reason)
     return isa_attention_torch

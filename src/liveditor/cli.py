@@ -43,6 +43,75 @@ def _add_isa_report(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_edit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "edit",
+        help="edit a video by an instruction with a LIVEditor pipeline",
+        description="Edit INPUT as the instruction says and write an H.264 mp4. Prints the total time "
+        "and the share of it spent in self-attention.",
+    )
+    p.add_argument("input", help="input video (mp4, mov, webm, mkv, avi or gif)")
+    p.add_argument("instruction", help='the edit, e.g. "turn the car red"')
+    p.add_argument("-o", "--output", required=True, help="output .mp4 (must not exist unless --overwrite)")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("--attention", choices=("isa", "dense"), default=None,
+                   help="self-attention: isa (sparse) or dense (default: the model's own setting)")
+    p.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
+    p.add_argument("--guidance", type=float, default=2.5, help="text CFG scale (default 2.5; <=1 disables)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None, help="use at most this many input frames")
+    p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: Wan's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    def handler(args):
+        from .pipelines.edit import run_edit
+
+        run_edit(
+            input_path=args.input,
+            instruction=args.instruction,
+            output_path=args.output,
+            model=args.model,
+            attention=args.attention,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            frames=args.frames,
+            negative_prompt=args.negative_prompt,
+            device=args.device,
+            offload=args.offload,
+            overwrite=args.overwrite,
+        )
+
+    p.set_defaults(handler=handler)
+
+
+def _add_convert(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert the released liveditor_ckpt.bin into a pipeline folder",
+        description="Map the released original-layout checkpoint onto LIVEditorTransformer3DModel and "
+        "write a complete pipeline folder (safetensors) with the base model's tokenizer, text encoder and VAE.",
+    )
+    p.add_argument("--checkpoint", required=True, help="liveditor_ckpt.bin (torch pickle, loaded weights-only)")
+    p.add_argument("--base", required=True, help="Wan2.2-T2V-A14B-Diffusers folder")
+    p.add_argument("--out", required=True, help="new pipeline folder (must not exist)")
+    p.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep",
+                   help="transformer weight dtype (default: the checkpoint's)")
+
+    def handler(args):
+        import torch
+
+        from .models.conversion import convert_checkpoint
+
+        dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        out = convert_checkpoint(args.checkpoint, args.base, args.out, dtype=dtype)
+        print(f"wrote LIVEditor pipeline folder {out}")
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liveditor", description="LIVEditor: in-context video editing with sparse attention."
@@ -50,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_isa_report(subparsers)
+    _add_edit(subparsers)
+    _add_convert(subparsers)
     return parser
 
 

@@ -1,0 +1,95 @@
+"""Finding, checking and loading LIVEditor pipeline folders with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import LIVEditorError
+
+REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
+# A component folder holds one of these (models: config.json, scheduler: scheduler_config.json,
+# tokenizer: tokenizer_config.json or tokenizer.json).
+_COMPONENT_MARKERS = ("config.json", "scheduler_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def default_model_path() -> Path:
+    """The bundled tiny LIVEditor pipeline folder (`liveditor/assets/tiny-liveditor`)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-liveditor"
+
+
+def check_pipeline_folder(path) -> Path:
+    """Raise a one-line LIVEditorError unless `path` is a complete LIVEditor pipeline folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LIVEditorError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise LIVEditorError(f"model path {path} is not a folder")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise LIVEditorError(f"model folder {path} has no model_index.json (not a pipeline folder)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise LIVEditorError(f"model folder {path}: model_index.json is not valid JSON ({exc})") from exc
+    if not isinstance(index, dict):
+        raise LIVEditorError(f"model folder {path}: model_index.json is not a JSON object")
+    if index.get("_class_name") != "LIVEditorPipeline":
+        raise LIVEditorError(
+            f"model folder {path} holds a {index.get('_class_name')!r} pipeline, not a LIVEditorPipeline"
+        )
+    for name in REQUIRED_COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            raise LIVEditorError(f"model folder {path} lacks the {name} component in model_index.json")
+        folder = path / name
+        if not folder.is_dir() or not any((folder / marker).is_file() for marker in _COMPONENT_MARKERS):
+            raise LIVEditorError(f"model folder {path} lacks the {name} component (no {folder} with its config)")
+    return path
+
+
+def load_pipeline(
+    path=None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    offload: bool = False,
+    vae_tiling: bool = False,
+):
+    """Load a LIVEditorPipeline folder for inference.
+
+    Args:
+        path: pipeline folder (default: the bundled tiny model, `default_model_path()`).
+        device: where to run ("cpu", "cuda", "cuda:1").
+        dtype: transformer and text-encoder dtype; default bfloat16 on CUDA, float32 elsewhere.
+            The VAE always stays float32.
+        offload: diffusers' model CPU offload (each component moves to the GPU only while it runs).
+        vae_tiling: decode/encode in tiles to cap VAE memory.
+    """
+    from .pipeline_liveditor import LIVEditorPipeline
+
+    path = check_pipeline_folder(default_model_path() if path is None else path)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LIVEditorError(f"device {device} was asked for but CUDA is not available")
+    if offload and device.type != "cuda":
+        raise LIVEditorError("--offload needs a CUDA device")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = LIVEditorPipeline.from_pretrained(str(path), torch_dtype={"default": dtype, "vae": torch.float32})
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LIVEditorError(f"cannot load model folder {path}: {reason}") from exc
+    pipe.set_progress_bar_config(leave=False)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe

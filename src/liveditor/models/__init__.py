@@ -3,6 +3,9 @@
 from .attention_processor import AttentionTimer, InContextLayout, LIVEditorAttnProcessor
 from .transformer_liveditor import MODEL_PRESETS, LIVEditorTransformer3DModel, LIVEditorTransformerBlock
 
+# Imported here because diffusers loads a pipeline component only from an already imported module.
+from .tiny_codec import SpaceToDepthVideoCodec
+
 __all__ = [
     "AttentionTimer",
     "InContextLayout",
@@ -10,4 +13,5 @@ __all__ = [
     "LIVEditorTransformer3DModel",
     "LIVEditorTransformerBlock",
     "MODEL_PRESETS",
+    "SpaceToDepthVideoCodec",
 ]

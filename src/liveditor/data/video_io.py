@@ -91,7 +91,7 @@ def read_video(path, max_frames: int | None = None) -> Video:
         reader.close()
     except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise LIVEditorError(f"cannot decode {path} as a video: {reason}") from exc
+        raise LIVEditorError(f"cannot decode {path} as a video (no readable video frames): {reason}") from exc
     if not frames:
         raise LIVEditorError(f"input video {path} has no frames")
     if not fps > 0:

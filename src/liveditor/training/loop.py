@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LIVEditorError
 from .config import TrainConfig
@@ -152,6 +152,36 @@ class ResumableRandomSampler(Sampler):
         return 2**62
 
 
+class ProceduralClips(Dataset):
+    """ShapeEdit training clips generated on the fly, as uint8 `[F, H, W, 3]` tensors (4x less to
+    move than float; `video_batch_to_model` converts on the device)."""
+
+    def __init__(self, length: int, start_seed: int, shape_config):
+        self.length, self.start_seed, self.shape_config = length, start_seed, shape_config
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        from ..data.shapes import generate_example
+
+        example = generate_example(self.start_seed + index, "train", config=self.shape_config)
+        return {
+            "source": torch.from_numpy(example.source),
+            "target": torch.from_numpy(example.target),
+            "instruction": example.instruction,
+        }
+
+
+def video_batch_to_model(videos: torch.Tensor, device) -> torch.Tensor:
+    """A batch of clips as the codec's input `[B, 3, F, H, W]` in [-1, 1]: uint8 `[B, F, H, W, 3]`
+    (procedural clips) or float `[B, 3, F, H, W]` already in [-1, 1] (shard reader)."""
+    videos = videos.to(device, non_blocking=True)
+    if videos.dtype == torch.uint8:
+        return videos.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+    return videos.float()
+
+
 def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memory: bool) -> Iterator[dict]:
     """Endless training batches for this process, starting after `consumed` of its samples."""
     data = config.data
@@ -163,9 +193,7 @@ def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memo
         persistent_workers=data.num_workers > 0,
     )
     if data.source == "procedural":
-        from ..data.shards import ShapeEditDataset
-
-        dataset = ShapeEditDataset(data.num_examples, "train", data.start_seed, _shapeedit_config(config))
+        dataset = ProceduralClips(data.num_examples, data.start_seed, _shapeedit_config(config))
         sampler = ResumableRandomSampler(len(dataset), config.train.seed, rank, world, consumed)
         yield from DataLoader(dataset, sampler=sampler, **common)
         return
@@ -474,8 +502,8 @@ def _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std) -
 
 def _step_loss(config, batch, tokenizer, text_encoder, codec, transformer, device, drop_rng) -> torch.Tensor:
     """The flow-matching loss of one batch."""
-    source = batch["source"].to(device, non_blocking=True)
-    target = batch["target"].to(device, non_blocking=True)
+    source = video_batch_to_model(batch["source"], device)
+    target = video_batch_to_model(batch["target"], device)
     with torch.no_grad():
         context = codec.normalize(codec.encode(source).latent_dist.mode())
         x0 = codec.normalize(codec.encode(target).latent_dist.mode())

@@ -20,12 +20,14 @@ custom ops with fake implementations, everything else is aten ops with static sh
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig, ISAInfo, block_counts
+from .layout import block_layout
 from .reference import _flop_fraction, coarse_decisions
 from .triton_pool import pool_qkv
 from .triton_sparse import gather_exact_rows, sparse_backward, sparse_forward
@@ -246,7 +248,10 @@ def dense_exact_kernel(q: torch.Tensor, masked: bool) -> str:
 def dense_attention_by(name: str, q, k, v, mask, scale):
     if name == "default" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return _run_dense(name, q, k, v, mask, scale)
+    try:
+        return _run_dense(name, q, k, v, mask, scale)
+    except RuntimeError:  # the measured kernel refuses this shape: let SDPA choose
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 # ------------------------------------------------------------------------------ the operator
@@ -300,6 +305,42 @@ def _exact_group_dense(q, k, v, query_order, selected, num_source, block_size, n
     return dense_attention_by(name, q_ex, k_ex, v_ex, mask, scale)
 
 
+@dataclass
+class ISAPlan:
+    """ISA's decisions for one call, in the forms the kernels read."""
+
+    probs: torch.Tensor  # [B, H, nb, nb] fp32 coarse map (for the gated residual)
+    vc: torch.Tensor  # [B, H, nb, D] fp32 pooled values
+    kept: torch.Tensor  # [B, H, n_kv] long kept key blocks
+    kept32: torch.Tensor  # the same, int32
+    selected: torch.Tensor  # [B, H, n_sel] selected context blocks
+    exact_query: torch.Tensor  # [B, H, nb] bool
+    exact_key: torch.Tensor  # [B, H, nb, n_kv] bool
+    query_order: torch.Tensor  # [B, H, nb] int32: exact-group blocks first, then Taylor blocks
+    exact_mask: torch.Tensor  # [B, H, nb, n_kv] uint8
+    exact_lists: torch.Tensor  # [B, H, nb, n_exact] int32 indices into kept
+    pooled_k: torch.Tensor  # [B, H, n_kv, D] pooled keys of the kept blocks, input dtype
+    pooled_v: torch.Tensor
+
+
+def plan_isa(q, k, v, num_source: int, config: ISAConfig, scale: float) -> ISAPlan:
+    """Pooling (Triton), coarse map and all routing decisions (torch ops on the device)."""
+    B, H, N, D = q.shape
+    counts = block_counts(num_source, N - num_source, config)
+    qc, kc, vc = isa_pool(q, k, v, num_source, config.block_size)
+    _, probs, kept, selected, exact_query, exact_key = coarse_decisions(qc, kc, scale, counts, config)
+    query_order = torch.sort(exact_query.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    exact_mask = exact_key.to(torch.uint8).contiguous()
+    exact_lists = exact_mask.topk(counts.num_exact, dim=-1).indices.to(torch.int32).contiguous()
+    kept_index = kept[..., None].expand(B, H, counts.num_kept, D)
+    return ISAPlan(
+        probs=probs, vc=vc, kept=kept, kept32=kept.to(torch.int32).contiguous(), selected=selected,
+        exact_query=exact_query, exact_key=exact_key,
+        query_order=query_order.to(torch.int32).contiguous(), exact_mask=exact_mask, exact_lists=exact_lists,
+        pooled_k=kc.gather(2, kept_index).to(q.dtype), pooled_v=vc.gather(2, kept_index).to(v.dtype),
+    )
+
+
 def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None, scale: float = 1.0,
                          return_info: bool = False, exact_kernel: str = "auto"):
     """ISA on already-validated `[B, H, N, D]` inputs with the Triton kernels (see isa_attention).
@@ -314,43 +355,32 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
     b = config.block_size
     num_context = N - num_source
     counts = block_counts(num_source, num_context, config)
-    n_full, n_exact = counts.num_full, counts.num_exact
+    n_full = counts.num_full
 
-    qc, kc, vc = isa_pool(q, k, v, num_source, b)
-    _, probs, kept, selected, exact_query, exact_key = coarse_decisions(qc, kc, scale, counts, config)
-
-    query_order = torch.sort(exact_query.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    query_order = query_order.to(torch.int32).contiguous()
-    exact_mask = exact_key.to(torch.uint8).contiguous()
-    exact_lists = exact_mask.topk(n_exact, dim=-1).indices.to(torch.int32).contiguous()
-    kept_index = kept[..., None].expand(B, H, counts.num_kept, D)
-    pooled_k = kc.gather(2, kept_index).to(q.dtype)
-    pooled_v = vc.gather(2, kept_index).to(v.dtype)
-
+    plan = plan_isa(q, k, v, num_source, config, scale)
     use_dense = exact_kernel == "dense" or (exact_kernel == "auto" and num_context % b == 0)
     exact_out = None
     if use_dense:
-        exact_out = _exact_group_dense(q, k, v, query_order, selected, num_source, b, n_full, scale)
-    out, _ = isa_sparse_attention(q, k, v, pooled_k, pooled_v, kept.to(torch.int32).contiguous(), query_order,
-                                  exact_lists, exact_mask, exact_out, num_source, b, n_full, float(scale))
+        exact_out = _exact_group_dense(q, k, v, plan.query_order, plan.selected, num_source, b, n_full, scale)
+    out, _ = isa_sparse_attention(q, k, v, plan.pooled_k, plan.pooled_v, plan.kept32, plan.query_order,
+                                  plan.exact_lists, plan.exact_mask, exact_out, num_source, b, n_full, float(scale))
 
     if gate is not None:
-        n_src, nb = _num_blocks(num_source, N, b)
+        n_src, _ = _num_blocks(num_source, N, b)
         token = torch.arange(N, device=q.device)
         token_block = torch.where(token < num_source, token, token + n_src * b - num_source) // b
-        coarse_out = (probs @ vc)[:, :, token_block]
+        coarse_out = (plan.probs @ plan.vc)[:, :, token_block]
         out = (out.to(coarse_out.dtype) + gate.reshape(B, 1, N, 1).to(coarse_out.dtype) * coarse_out).to(q.dtype)
 
     if not return_info:
         return out
-    from .layout import block_layout
 
     layout = block_layout(num_source, num_context, b, q.device)
     info = ISAInfo(
-        selected_context_blocks=selected,
-        exact_query_blocks=exact_query,
+        selected_context_blocks=plan.selected,
+        exact_query_blocks=plan.exact_query,
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
-        flop_fraction=_flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
+        flop_fraction=_flop_fraction(layout, counts, plan.kept, plan.exact_query, plan.exact_key, N, gate is not None),
     )
     return out, info

@@ -315,17 +315,19 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _launch_options(block_size: int, head_dim: int) -> dict:
-    big = tile_rows(block_size) * tile_dims(head_dim) >= 64 * 128
-    return dict(num_warps=8 if big else 4, num_stages=2)
+def _launch_options(block_size: int, head_dim: int, backward: bool = False) -> dict:
+    # 64-row tiles: one warpgroup; wider tiles need two. Backward holds two accumulators: shallower pipeline.
+    wide = tile_rows(block_size) * tile_dims(head_dim) > 64 * 128
+    return dict(num_warps=8 if wide else 4, num_stages=2 if backward or wide else 3)
 
 
 def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
-                   num_source: int, block_size: int, num_full: int, scale: float):
+                   num_source: int, block_size: int, num_full: int, scale: float, stages=("scatter", "attend")):
     """Forward of both groups; returns (out [B,H,N,D] in q's dtype, lse [B,H,N] fp32).
 
     exact_out: the exact group computed by a dense kernel, packed `[B, H, num_full*b, D]` in
-    query_order, or None to compute the exact group here.
+    query_order, or None to compute the exact group here. `stages` lets a benchmark time the
+    scatter of exact_out and the attention launch one at a time.
     """
     B, H, N, D = q.shape
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
@@ -339,11 +341,12 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
     first = 0
     if exact_out is not None:
         first = num_full
+    if exact_out is not None and "scatter" in stages:
         _scatter_rows_kernel[(num_full, B * H)](
             exact_out.contiguous(), out, query_order, H, N, num_source, n_src, nb, num_full, TO_TOKENS=True,
             BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
         )
-    if nb > first:
+    if nb > first and "attend" in stages:
         _fwd_kernel[(nb - first, B * H)](
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
             *_strides(q, k, v),
@@ -402,7 +405,7 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     n_exact = exact_lists.shape[-1]
     n_src = -(-num_source // block_size)
     meta = _meta(q, block_size)
-    options = _launch_options(block_size, D)
+    options = _launch_options(block_size, D, backward=True)
     delta = (dout.float() * out.float()).sum(-1)  # [B, H, N]
     dq = torch.zeros(B, H, N, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, H, N, D, device=q.device, dtype=k.dtype)

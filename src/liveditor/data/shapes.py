@@ -132,7 +132,7 @@ BACKGROUND_PHRASES = {
     "checkerboard": ("a {color} checkerboard", "{color} checkerboard"),
 }
 
-MIN_EDIT_PIXELS = 24  # an edit must change at least this many pixels over the clip
+MIN_EDIT_PIXELS = 24  # an edit must change at least this many non-edge pixels over the clip
 
 
 def instruction_words(text: str) -> list[str]:
@@ -369,6 +369,18 @@ def render_scene(scene: Scene, config: ShapeEditConfig) -> tuple[np.ndarray, np.
     return video, ids
 
 
+def interior_mask(video: np.ndarray, tolerance: int = 8) -> np.ndarray:
+    """bool ``[F, H, W]``: pixels whose 3x3 neighbourhood (edge-padded) spans at most
+    ``tolerance`` per channel: not on a shape or texture edge (smooth gradients count)."""
+    padded = np.pad(video, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    H, W = video.shape[1:3]
+    rows_max = np.maximum(np.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+    rows_min = np.minimum(np.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+    high = np.maximum(np.maximum(rows_max[:, :, :-2], rows_max[:, :, 1:-1]), rows_max[:, :, 2:])
+    low = np.minimum(np.minimum(rows_min[:, :, :-2], rows_min[:, :, 1:-1]), rows_min[:, :, 2:])
+    return np.all(high - low <= tolerance, axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scenes and edits
 
@@ -496,14 +508,15 @@ def generate_example(
         raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
     rng = np.random.default_rng(np.random.SeedSequence([SPLITS.index(split), 0x5EED, seed, FAMILIES.index(family)]))
 
-    # Redraw until the edit is visible (an object can hide behind another or barely move).
+    # Redraw until the edit is visible away from edges (an object can hide behind another, barely
+    # move, or a swap can differ only along the outline).
     for attempt in range(100):
         scene = _random_scene(rng, config)
         target_scene, instruction, src_index, tgt_index, params = _apply_edit(rng, family, scene, config)
         source, source_ids = render_scene(scene, config)
         target, target_ids = render_scene(target_scene, config)
         edit_mask = np.any(source != target, axis=-1)
-        if edit_mask.sum() >= MIN_EDIT_PIXELS:
+        if (edit_mask & interior_mask(target)).sum() >= MIN_EDIT_PIXELS:
             break
     else:  # pragma: no cover - needs a degenerate config
         raise LIVEditorError(f"could not draw a visible {family} edit for seed {seed} with {config}")

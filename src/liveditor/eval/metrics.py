@@ -2,7 +2,7 @@
 success criterion.
 
 Success (one clip). A pixel of the ground-truth target is *interior* when its 3x3 neighbourhood in
-that frame has one colour; edges (one pixel wide, where a model may blur) are not judged. Let
+that frame has one colour (spans at most 8 of 255 per channel, so smooth gradients count); edges (one pixel wide, where a model may blur) are not judged. Let
 ``E`` be the interior pixels the edit must change (target differs from source; all changed pixels
 if none of them is interior) and ``K`` the interior pixels it must keep (target equals source),
 minus a one-pixel band around the changed pixels. A pixel of the output is *correct* when every
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..data.shapes import interior_mask
 
 PSNR_CAP_DB = 100.0  # identical videos: reported as this instead of infinity, so means stay finite
 
@@ -62,14 +64,15 @@ def ssim(output: np.ndarray, reference: np.ndarray) -> float:
     y = torch.from_numpy(reference).permute(0, 3, 1, 2).double()
     window = _gaussian_window()
     size = window.numel()
-    if min(x.shape[-2:]) < size:
-        raise ValueError(f"SSIM needs frames of at least {size}x{size}, got {tuple(x.shape[-2:])}")
-    channels = x.shape[1]
-    wh = window.view(1, 1, 1, size).repeat(channels, 1, 1, 1)
-    wv = window.view(1, 1, size, 1).repeat(channels, 1, 1, 1)
+    H, W = x.shape[-2:]
+    if min(H, W) < size:
+        raise ValueError(f"SSIM needs frames of at least {size}x{size}, got {H}x{W}")
+    # The separable Gaussian filter over valid positions as two banded matrices: rows @ t @ cols.
+    rows = torch.stack([F.pad(window, (i, H - size - i)) for i in range(H - size + 1)])  # [H', H]
+    cols = torch.stack([F.pad(window, (j, W - size - j)) for j in range(W - size + 1)]).T  # [W, W']
 
     def blur(t):
-        return F.conv2d(F.conv2d(t, wh, groups=channels), wv, groups=channels)
+        return rows @ t @ cols
 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mx, my = blur(x), blur(y)
@@ -98,17 +101,6 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _uniform_neighbourhood(video: np.ndarray) -> np.ndarray:
-    """bool [F, H, W]: pixels whose 3x3 neighbourhood (edge-padded) has the pixel's colour."""
-    padded = np.pad(video, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    H, W = video.shape[1:3]
-    out = np.ones(video.shape[:3], dtype=bool)
-    for dy in range(3):
-        for dx in range(3):
-            out &= np.all(padded[:, dy : dy + H, dx : dx + W] == video, axis=-1)
-    return out
-
-
 def edit_success(
     output: np.ndarray,
     source: np.ndarray,
@@ -121,7 +113,7 @@ def edit_success(
     _check_pair(output, target)
     _check_pair(source, target)
     changed = np.any(source != target, axis=-1)
-    interior = _uniform_neighbourhood(target)
+    interior = interior_mask(target)
     edit = changed & interior if (changed & interior).any() else changed
     keep = ~_dilate(changed) & interior
     error = np.abs(output.astype(np.int16) - target.astype(np.int16)).max(axis=-1)

@@ -1,0 +1,88 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liveditor.data.shapes import FAMILIES, generate_example
+from liveditor.eval.metrics import PSNR_CAP_DB, edit_success, psnr, ssim
+
+
+def _video(rng, shape=(3, 24, 20, 3)):
+    return rng.integers(20, 236, size=shape, dtype=np.uint8)
+
+
+def _ssim_slow(x, y):
+    """Independent SSIM: explicit 2D Gaussian window over every valid position."""
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for f in range(x.shape[0]):
+        for c in range(3):
+            a, b = x[f, :, :, c].astype(np.float64), y[f, :, :, c].astype(np.float64)
+            for i in range(a.shape[0] - 10):
+                for j in range(a.shape[1] - 10):
+                    pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+                    ma, mb = (w * pa).sum(), (w * pb).sum()
+                    va, vb = (w * pa * pa).sum() - ma**2, (w * pb * pb).sum() - mb**2
+                    cov = (w * pa * pb).sum() - ma * mb
+                    values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(values))
+
+
+def test_psnr_known_value():
+    rng = np.random.default_rng()
+    a = _video(rng)
+    b = a + np.uint8(10)
+    assert psnr(b, a) == pytest.approx(10 * math.log10(255**2 / 100))
+    assert psnr(a, a) == PSNR_CAP_DB
+
+
+def test_ssim_matches_direct_definition():
+    rng = np.random.default_rng()
+    a = _video(rng, (2, 16, 18, 3))
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    assert ssim(a, b) == pytest.approx(_ssim_slow(a, b), abs=1e-9)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, b) == pytest.approx(ssim(b, a))
+
+
+def test_metrics_reject_bad_videos():
+    rng = np.random.default_rng()
+    a = _video(rng)
+    with pytest.raises(ValueError, match="shape"):
+        psnr(a, a[:2])
+    with pytest.raises(ValueError, match="uint8"):
+        ssim(a.astype(np.float32), a)
+
+
+def _blur(video):
+    t = torch.from_numpy(video).permute(0, 3, 1, 2).float()
+    t = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_success_criterion_separates_right_from_wrong(family):
+    rng = np.random.default_rng()
+    for seed in rng.choice(1000, 3, replace=False):
+        ex = generate_example(int(seed), "test", family)
+        assert edit_success(ex.target, ex.source, ex.target).success
+        assert edit_success(_blur(ex.target), ex.source, ex.target).success  # soft edges are forgiven
+        noisy = np.clip(ex.target + rng.normal(0, 8, ex.target.shape), 0, 255).astype(np.uint8)
+        assert edit_success(noisy, ex.source, ex.target).success
+        # Doing nothing fails, and so does a blurred copy of the input.
+        nothing = edit_success(ex.source, ex.source, ex.target)
+        assert not nothing.success and nothing.keep_accuracy == 1.0
+        assert not edit_success(_blur(ex.source), ex.source, ex.target).success
+
+
+def test_success_needs_the_rest_preserved():
+    ex = generate_example(11, "test", "recolor")
+    damaged = ex.target.copy()
+    keep = ~ex.object_mask
+    damaged[keep] = 255 - damaged[keep]  # right edit, ruined background
+    result = edit_success(damaged, ex.source, ex.target)
+    assert result.edit_accuracy == 1.0 and result.keep_accuracy < 0.5 and not result.success

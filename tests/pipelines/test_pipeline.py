@@ -140,3 +140,26 @@ def test_geometry_helpers():
     assert out.shape == (2, 3, 16, 16)
     ys, xs = torch.nonzero(out[0, 0] > 0.5, as_tuple=True)
     assert abs(ys.float().mean() - 7.5) < 1 and abs(xs.float().mean() - 7.5) < 1
+
+
+def test_other_components_with_the_same_interface_drop_in(tmp_path):
+    """The pixel codec and word tokenizer of the bundled tiny model work through save/load too."""
+    from liveditor.models import LIVEditorTransformer3DModel
+    from liveditor.models.tiny_codec import SpaceToDepthVideoCodec
+    from liveditor.models.tiny_text import build_text_encoder, build_word_tokenizer
+    from liveditor.pipelines import flow_unipc_scheduler
+
+    codec = SpaceToDepthVideoCodec(scale_factor_spatial=4, scale_factor_temporal=1)
+    tokenizer = build_word_tokenizer(["red", "blue", "circle", "make"], model_max_length=8)
+    torch.manual_seed(0)
+    encoder = build_text_encoder(len(tokenizer), d_model=32)
+    transformer = LIVEditorTransformer3DModel.from_preset(
+        "liveditor-tiny", in_channels=codec.config.z_dim, out_channels=codec.config.z_dim, text_dim=32)
+    pipe = LIVEditorPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=codec, scheduler=flow_unipc_scheduler(),
+                             transformer=transformer, resolution_buckets=[(32, 32)], max_sequence_length=8,
+                             max_num_frames=4)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(_video(n=6, height=40, width=40), "make the circle red", num_inference_steps=2, seed=0)
+    assert out.frames.shape == (1, 4, 32, 32, 3)  # temporal factor 1: every frame up to max_num_frames

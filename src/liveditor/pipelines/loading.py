@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -51,6 +52,20 @@ def check_pipeline_folder(path) -> Path:
     return path
 
 
+def _import_own_component_modules(path: Path) -> None:
+    """diffusers loads a component class from a module only once that module is imported; import
+    the ones of this package that the folder names (never any other package's code)."""
+    index = json.loads((path / "model_index.json").read_text())
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
+            module = entry[0]
+            if module == "liveditor" or module.startswith("liveditor."):
+                try:
+                    importlib.import_module(module)
+                except ImportError as exc:
+                    raise LIVEditorError(f"model folder {path}: component {name} needs {module}, which cannot be imported ({exc})") from exc
+
+
 def load_pipeline(
     path=None,
     device: str | torch.device = "cpu",
@@ -78,6 +93,7 @@ def load_pipeline(
         raise LIVEditorError("--offload needs a CUDA device")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _import_own_component_modules(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)

@@ -155,6 +155,179 @@ def _add_train(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_make_data(subparsers) -> None:
+    p = subparsers.add_parser(
+        "make-data",
+        help="write ShapeEdit training shards (WebDataset-style tar files)",
+        description="Generate procedural ShapeEdit edit pairs (exact targets) into tar shards plus an "
+        "index.json manifest. Deterministic: clip SEED of a split is always the same.",
+    )
+    p.add_argument("-o", "--output", required=True, help="output folder (must not hold a dataset unless --overwrite)")
+    p.add_argument("-n", "--num-examples", type=int, required=True, help="number of clips")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train")
+    p.add_argument("--start-seed", type=int, default=0, help="seed of the first clip")
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
+                   help="edit families (default all: swap recolor add remove background motion)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in the folder")
+
+    def handler(args):
+        from .data.shapes import ShapeEditConfig
+        from .data.shards import write_shapeedit_shards
+
+        config = ShapeEditConfig(frames=args.frames, height=args.height, width=args.width)
+        manifest = write_shapeedit_shards(
+            args.output, args.num_examples, args.split, args.start_seed, args.samples_per_shard,
+            config, args.families, overwrite=args.overwrite,
+        )
+        print(f"wrote {manifest['num_samples']} {args.split} clips in {len(manifest['shards'])} shards to {args.output}")
+
+    p.set_defaults(handler=handler)
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="benchmarks: `liveditor eval shapeedit` (held-out ShapeEdit edits, ISA vs dense)",
+        description="Evaluation benchmarks.",
+    )
+    benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    b = benchmarks.add_parser(
+        "shapeedit",
+        help="PSNR, SSIM and success rate per edit family on held-out ShapeEdit clips, ISA and dense",
+        description="Edit PER_FAMILY held-out clips of every ShapeEdit family with each attention mode on the "
+        "same weights and noise, score them against the exact targets (PSNR, SSIM, success: edited region "
+        "right and the rest preserved, see liveditor.eval.metrics) and report the ISA-vs-dense output PSNR.",
+    )
+    b.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    b.add_argument("--per-family", type=int, default=10, help="held-out clips per edit family (default 10)")
+    b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="default: all six")
+    b.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=["isa", "dense"])
+    b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    b.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the pipeline's)")
+    b.add_argument("--seed", type=int, default=0, help="noise seed, the same for every clip and mode")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
+
+    def handler(args):
+        import torch
+
+        from .data.shapes import FAMILIES, ShapeEditConfig
+        from .eval.shapeedit import evaluate_shapeedit, format_summary, pipeline_edit_fn, write_result_json
+        from .pipelines.loading import load_pipeline
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(args.model, device=device)
+        height, width = pipe.resolution_buckets[0]
+        result = evaluate_shapeedit(
+            pipeline_edit_fn(pipe, args.steps, args.guidance, args.seed),
+            per_family=args.per_family,
+            attentions=args.attention,
+            families=args.families or FAMILIES,
+            config=ShapeEditConfig(height=height, width=width),
+        )
+        result["settings"].update(model=str(args.model or "bundled tiny model"), device=device, steps=args.steps,
+                                  guidance=args.guidance, seed=args.seed)
+        print(format_summary(result))
+        if args.json_path:
+            write_result_json(args.json_path, result)
+            print(f"wrote {args.json_path}")
+
+    b.set_defaults(handler=handler)
+
+
+def _add_record_activations(subparsers) -> None:
+    p = subparsers.add_parser(
+        "record-activations",
+        help="ISA fidelity on real q/k/v recorded from a trained model",
+        description="Edit held-out ShapeEdit clips with a pipeline, record the self-attention q/k/v of chosen "
+        "layers at chosen denoising steps, and run the ISA-vs-dense fidelity report on them (both sharpness "
+        "statistics, raster vs tile order, ratio variations).",
+    )
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("--clips", type=int, default=2, help="held-out clips to edit (default 2, mixed families)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: first, middle, last)")
+    p.add_argument("--at-steps", type=int, nargs="+", default=None,
+                   help="denoising step indices (default: first, middle, last)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of each edit (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--save", default=None, help="also save the recorded q/k/v (torch .pt)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the fidelity rows as JSON")
+
+    def handler(args):
+        import inspect
+
+        import torch
+
+        from .data.shapes import ShapeEditConfig, generate_example
+        from .eval.activations import activation_fidelity, record_attention
+        from .eval.shapeedit import write_result_json
+        from .isa.report import format_table
+        from .pipelines.loading import load_pipeline
+
+        if args.clips < 1:
+            raise ValueError(f"--clips must be at least 1, got {args.clips}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(args.model, device=device)
+        num_layers = len(pipe.transformer.blocks)
+        steps = args.steps or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+        layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
+        at_steps = args.at_steps if args.at_steps is not None else sorted({0, steps // 2, steps - 1})
+        height, width = pipe.resolution_buckets[0]
+        options = {"num_inference_steps": steps, "height": height, "width": width, "output_type": "latent", "seed": 0}
+        if args.guidance is not None:
+            options["guidance_scale"] = args.guidance
+        records = []
+        for seed in range(args.clips):
+            example = generate_example(seed, "test", config=ShapeEditConfig(height=height, width=width))
+            records += record_attention(pipe, example.source, example.instruction, layers, at_steps, **options)
+        if args.save:
+            from .data.shards import atomic_output
+
+            with atomic_output(args.save) as handle:
+                torch.save([vars(r) for r in records], handle)
+        result = activation_fidelity(records)
+        print(f"ISA vs dense on {len(records)} recorded self-attention calls (layers {layers}, steps {at_steps} "
+              f"of {steps}, {args.clips} clips); mean over records:")
+        print(format_table(result["mean"]))
+        print(f"lowest error among the sharpness/order defaults: {result['best_default']}")
+        if args.json_path:
+            write_result_json(args.json_path, {"layers": layers, "steps": at_steps, "num_inference_steps": steps, **result})
+
+    p.set_defaults(handler=handler)
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="edit a fresh ShapeEdit clip with the bundled tiny model; write input, edit, side by side",
+        description="Generate a held-out ShapeEdit clip, edit it (default: the bundled tiny model) and write "
+        "input.mp4, edit.mp4, side_by_side.mp4 (input | edit | ground truth) and demo.json into DIR.",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--seed", type=int, default=None, help="clip seed (default: random)")
+    p.add_argument("--family", choices=("swap", "recolor", "add", "remove", "background", "motion"), default=None,
+                   help="edit family (default: from the seed)")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("--attention", choices=("isa", "dense"), default=None, help="default: the model's setting")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace demo files already in DIR")
+
+    def handler(args):
+        from .demo import run_demo
+
+        run_demo(args.output, seed=args.seed, family=args.family, model=args.model, attention=args.attention,
+                 steps=args.steps, guidance=args.guidance, device=args.device, overwrite=args.overwrite)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liveditor", description="LIVEditor: in-context video editing with sparse attention."
@@ -165,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(subparsers)
     _add_convert(subparsers)
     _add_train(subparsers)
+    _add_make_data(subparsers)
+    _add_eval(subparsers)
+    _add_record_activations(subparsers)
+    _add_demo(subparsers)
     return parser
 
 

@@ -1,0 +1,142 @@
+"""ISA fidelity on real activations: record the q/k/v that a trained LIVEditor's self-attention
+layers see while editing, and run the ISA-vs-dense fidelity report on them.
+
+Recording hooks the self-attention module (``block.attn1``) of chosen layers and recomputes its
+attention inputs exactly as ``LIVEditorAttnProcessor`` does (projections, qk-norm, RoPE), on the
+conditional branch of chosen denoising steps. The layer then runs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..isa.report import fidelity_table, report_configs
+from ..models.attention_processor import apply_rotary_embedding
+
+
+@dataclass
+class RecordedAttention:
+    """The inputs of one self-attention call: q, k, v ``[B, H, N, D]`` (float32, CPU)."""
+
+    layer: int
+    step: int
+    timestep: float
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    num_source: int
+    grid: tuple[int, int, int]
+
+
+def attention_inputs(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, N, D]`` of a Wan self-attention module for ``hidden_states``, the way the
+    LIVEditor processor computes them."""
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = apply_rotary_embedding(query, *rotary_emb)
+        key = apply_rotary_embedding(key, *rotary_emb)
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+
+def _check_indices(name: str, values: Sequence[int], limit: int) -> list[int]:
+    values = sorted(set(int(v) for v in values))
+    if not values or values[0] < 0 or values[-1] >= limit:
+        raise ValueError(f"{name} must be in [0, {limit}), got {values}")
+    return values
+
+
+def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps: Sequence[int], **call_kwargs) -> list[RecordedAttention]:
+    """Edit ``video`` with ``pipe`` and return the self-attention inputs of ``layers`` at denoising
+    ``steps`` (0 = first step; the conditional CFG branch, which the pipeline runs first)."""
+    transformer = pipe.transformer
+    num_layers = len(transformer.blocks)
+    layers = _check_indices("layers", layers, num_layers)
+    num_steps = call_kwargs.get("num_inference_steps", 32)
+    steps = _check_indices("steps", steps, num_steps)
+
+    records: list[RecordedAttention] = []
+    state = {"step": -1, "timestep": None, "recording": False}
+
+    def on_transformer(module, args, kwargs):
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        value = float(timestep.flatten()[0])
+        if value != state["timestep"]:  # a new denoising step; its first call is the conditional branch
+            state["step"] += 1
+            state["timestep"] = value
+            state["recording"] = state["step"] in steps
+        else:
+            state["recording"] = False
+
+    def make_hook(layer):
+        def on_attention(module, args, kwargs):
+            if not state["recording"]:
+                return
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            rotary_emb = kwargs.get("rotary_emb", args[3] if len(args) > 3 else None)
+            layout = module.processor.layout
+            q, k, v = attention_inputs(module, hidden_states, rotary_emb)
+            records.append(
+                RecordedAttention(
+                    layer=layer,
+                    step=state["step"],
+                    timestep=state["timestep"],
+                    q=q.detach().float().cpu(),
+                    k=k.detach().float().cpu(),
+                    v=v.detach().float().cpu(),
+                    num_source=layout.num_source,
+                    grid=tuple(layout.grid),
+                )
+            )
+
+        return on_attention
+
+    handles = [transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)]
+    handles += [transformer.blocks[i].attn1.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in layers]
+    try:
+        pipe(video, instruction, **call_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+DEFAULT_CHOICES = ("energy / raster (default)", "topk / raster", "energy / tile", "topk / tile")
+
+
+def activation_fidelity(records: Sequence[RecordedAttention], configs=None, backend: str = "auto") -> dict:
+    """Fidelity table of ISA against dense on every record, and its mean per config.
+
+    Returns ``{"per_record": [{layer, step, rows}], "mean": [{config, rel_l1, rel_l2, cosine,
+    flop_fraction, records}], "best_default": name}``, where ``best_default`` is the sharpness /
+    token-order choice (at the paper's ratios) with the lowest mean relative L2 error.
+    """
+    if not records:
+        raise ValueError("no recorded activations")
+    configs = report_configs() if configs is None else configs
+    per_record = []
+    for rec in records:
+        rows = fidelity_table(rec.q, rec.k, rec.v, rec.num_source, grid=rec.grid, configs=configs, backend=backend)
+        per_record.append({"layer": rec.layer, "step": rec.step, "timestep": rec.timestep, "rows": rows})
+    mean = []
+    for name in configs:
+        rows = [r for entry in per_record for r in entry["rows"] if r["config"] == name and "skipped" not in r]
+        if not rows:
+            mean.append({"config": name, "skipped": "no record could run it"})
+            continue
+        entry = {"config": name, "records": len(rows)}
+        for key in ("rel_l1", "rel_l2", "cosine", "flop_fraction"):
+            entry[key] = float(np.mean([r[key] for r in rows]))
+        mean.append(entry)
+    candidates = [m for m in mean if m["config"] in DEFAULT_CHOICES and "skipped" not in m]
+    best = min(candidates, key=lambda m: m["rel_l2"])["config"] if candidates else None
+    return {"per_record": per_record, "mean": mean, "best_default": best}

@@ -70,3 +70,19 @@ def test_side_by_side_layout():
 def test_demo_runs_on_the_bundled_model(tmp_path):
     result = run_demo(tmp_path / "bundled", seed=1, steps=2, print_fn=None)
     assert result.instruction and (tmp_path / "bundled" / "side_by_side.mp4").exists()
+
+
+def test_bundled_example_input_and_its_instructions():
+    import re
+
+    from liveditor.data.shapes import check_instruction
+    from liveditor.demo import example_input_path
+
+    path = example_input_path()
+    clip = read_video(path)
+    source = generate_example(1030, "test", "recolor").source
+    assert clip.frames.shape == source.shape and np.abs(clip.frames.astype(int) - source).mean() < 8
+    instructions = re.findall(r'liveditor edit shapes\.mp4 "([^"]+)"', (path.parent / "README.md").read_text())
+    assert len(instructions) >= 5
+    for text in instructions:
+        assert check_instruction(text).in_domain, text

@@ -51,6 +51,11 @@ class DemoResult:
         )
 
 
+def example_input_path() -> Path:
+    """The bundled example input clip (``liveditor/assets/examples/shapes.mp4``, see its README)."""
+    return Path(__file__).resolve().parent / "assets" / "examples" / "shapes.mp4"
+
+
 def side_by_side(*videos: np.ndarray, scale: int = VIEW_SCALE, gap: int = 4) -> np.ndarray:
     """Videos ``[F, H, W, 3]`` of one shape side by side, enlarged ``scale`` times, white gaps."""
     enlarged = [v.repeat(scale, axis=1).repeat(scale, axis=2) for v in videos]

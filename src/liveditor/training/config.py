@@ -98,6 +98,8 @@ class TrainSection:
     log_every: int = 20
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     output_dir: str = "runs/tiny-shapeedit"
+    init_from: str = ""  # a LIVEditorPipeline folder whose weights (and codec statistics) start a
+    #                      fresh run; its architecture must match this config. Ignored on resume.
 
 
 @dataclass

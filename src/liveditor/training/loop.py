@@ -368,13 +368,20 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
 
     checkpoint = find_checkpoint(output_dir) if resume else None
     state = json.loads((checkpoint / TRAINER_STATE).read_text()) if checkpoint else {}
+    init = None
     if state:
         latents_mean, latents_std = state["latents_mean"], state["latents_std"]
+    elif t_cfg.init_from:
+        init = _load_init_pipeline(Path(t_cfg.init_from))
+        latents_mean, latents_std = init["latents_mean"], init["latents_std"]
     else:
         latents_mean, latents_std = estimate_latent_statistics(config)
 
     set_seed(t_cfg.seed)  # same initial weights on every process
     tokenizer, text_encoder, codec, transformer = build_components(config, latents_mean, latents_std)
+    if init is not None:
+        _copy_weights(init["text_encoder"], text_encoder, "text_encoder", t_cfg.init_from)
+        _copy_weights(init["transformer"], transformer, "transformer", t_cfg.init_from)
     if t_cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     codec.to(device)
@@ -429,6 +436,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     window_start, window_samples = time.perf_counter(), 0
+    data_wait = 0.0  # seconds this window spent waiting for the data loader
     last_loss = float("nan")
     transformer.train()
     text_encoder.train()
@@ -439,7 +447,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(t_cfg.grad_accum_steps):
+                wait_start = time.perf_counter()
                 batch = next(batches)
+                data_wait += time.perf_counter() - wait_start
                 with accelerator.accumulate(transformer, text_encoder):
                     loss = _step_loss(config, batch, tokenizer, text_encoder, codec, transformer, device, drop_rng)
                     accelerator.backward(loss)
@@ -465,14 +475,14 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
                     with open(log_path, "a") as log:
                         log.write(json.dumps({"step": step, "loss": last_loss, "lr": lr, "clips_per_s": rate,
-                                              "train_time_s": elapsed}) + "\n")
+                                              "data_wait_s": data_wait, "train_time_s": elapsed}) + "\n")
                 loss_sum.zero_()
                 loss_count = 0
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
 
             if step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps and time_left():
                 _save_checkpoint(accelerator, output_dir, _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std))
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     finally:
         bar.close()
 
@@ -482,7 +492,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         last_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
     summary = {**run_info, "steps": step, "samples": step * samples_per_step, "train_time_s": round(elapsed, 1),
                "last_loss": last_loss, "clips_per_s": round(step * samples_per_step / max(elapsed, 1e-9), 2),
-               "batch_size": samples_per_step}
+               "batch_size": samples_per_step, "init_from": t_cfg.init_from or None}
     pipeline_dir = None
     if export and accelerator.is_main_process:
         pipeline_dir = Path(config.export.pipeline_dir) if config.export.pipeline_dir else output_dir / "pipeline"
@@ -493,6 +503,37 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         logger.info("training done: %s", json.dumps(summary))
     accelerator.wait_for_everyone()
     return TrainResult(step, step * samples_per_step, elapsed, last_loss, summary["clips_per_s"], output_dir, pipeline_dir)
+
+
+def _load_init_pipeline(path: Path) -> dict:
+    """Weights and codec statistics of a pipeline folder, to start training from."""
+    from transformers import UMT5EncoderModel
+
+    from ..models import LIVEditorTransformer3DModel
+    from ..models.tiny_codec import SpaceToDepthVideoCodec
+    from ..pipelines.loading import check_pipeline_folder
+
+    check_pipeline_folder(path)
+    codec = SpaceToDepthVideoCodec.from_pretrained(str(path), subfolder="vae")
+    return {
+        "latents_mean": list(codec.config.latents_mean),
+        "latents_std": list(codec.config.latents_std),
+        "transformer": LIVEditorTransformer3DModel.from_pretrained(str(path), subfolder="transformer", torch_dtype=torch.float32),
+        "text_encoder": UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder", dtype=torch.float32),
+    }
+
+
+def _copy_weights(source: torch.nn.Module, target: torch.nn.Module, name: str, where) -> None:
+    """Load `source`'s weights into `target`; a different architecture is a one-line error."""
+    theirs, ours = source.state_dict(), target.state_dict()
+    mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    mismatched += [k for k in theirs if k not in ours]
+    if mismatched:
+        raise LIVEditorError(
+            f"train.init_from={where}: its {name} does not match the config's architecture "
+            f"({len(mismatched)} tensors differ, e.g. {mismatched[0]})"
+        )
+    target.load_state_dict({k: theirs[k].float() for k in ours})
 
 
 def _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std) -> dict:

@@ -166,6 +166,10 @@ def format_summary(result: dict) -> str:
             value = entry["isa_vs_dense_psnr"]
             cells.append("identical" if value >= PSNR_CAP_DB else f"{value:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if both:
+        overall = result["summary"]["all"]
+        gap = overall["isa"]["success_rate"] - overall["dense"]["success_rate"]
+        lines.append(f"\nISA - dense success rate: {gap:+.1f} points over {overall['clips']} clips")
     return "\n".join(lines)
 
 

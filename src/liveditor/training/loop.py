@@ -46,6 +46,17 @@ LOG_FILE = "train_log.jsonl"
 TRAINING_SUMMARY = "training.json"
 
 
+def _null_prompts() -> tuple[str, ...]:
+    from ..pipelines.pipeline_liveditor import WAN_NEGATIVE_PROMPT
+
+    return ("", WAN_NEGATIVE_PROMPT)
+
+
+# What a dropped instruction becomes: the empty prompt or the pipeline's default negative prompt
+# (for the word tokenizer that is "<unk> </s>"), so both work as the unconditional CFG branch.
+NULL_PROMPTS = _null_prompts()
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -191,6 +202,9 @@ def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memo
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=data.num_workers > 0,
+        # Its own generator, so creating the loader does not draw from the global RNG (which a
+        # resumed run restores and which must give the same noise as an uninterrupted run).
+        generator=torch.Generator().manual_seed(config.train.seed * 1009 + rank),
     )
     if data.source == "procedural":
         dataset = ProceduralClips(data.num_examples, data.start_seed, _shapeedit_config(config))
@@ -406,7 +420,6 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
 
     samples_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * world
     batches = _batches(config, rank, world, step * t_cfg.batch_size * t_cfg.grad_accum_steps, device.type == "cuda")
-    drop_rng = np.random.default_rng([t_cfg.seed, rank, step])
     n_params = sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters())
     n_text = sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters())
     run_info = {
@@ -446,7 +459,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
             lr = learning_rate(config, step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(t_cfg.grad_accum_steps):
+            for micro in range(t_cfg.grad_accum_steps):
+                # Instruction dropout from (seed, process, step, micro-batch): identical after a resume.
+                drop_rng = np.random.default_rng([t_cfg.seed, rank, step, micro])
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
@@ -548,8 +563,10 @@ def _step_loss(config, batch, tokenizer, text_encoder, codec, transformer, devic
     with torch.no_grad():
         context = codec.normalize(codec.encode(source).latent_dist.mode())
         x0 = codec.normalize(codec.encode(target).latent_dist.mode())
-    drop = drop_rng.random(len(batch["instruction"])) < config.text.drop_prob
-    prompts = ["" if d else p for p, d in zip(batch["instruction"], drop)]
+    n = len(batch["instruction"])
+    drop = drop_rng.random(n) < config.text.drop_prob
+    null = drop_rng.integers(len(NULL_PROMPTS), size=n)
+    prompts = [NULL_PROMPTS[k] if d else p for p, d, k in zip(batch["instruction"], drop, null)]
     text = encode_instructions(tokenizer, text_encoder, prompts, config.text.max_length)
     sigmas = sample_sigmas(x0.shape[0], config.train.flow_shift, device=device)
     noise = torch.randn_like(x0)

@@ -1,0 +1,66 @@
+"""The tiny LIVEditor shipped inside the package."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from liveditor.pipelines import check_pipeline_folder, default_model_path, load_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bundled_folder_is_complete_small_and_documented():
+    path = check_pipeline_folder(default_model_path())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 21 * 2**20
+    card = (path / "README.md").read_text()
+    for needed in ("ShapeEdit", "H100", "steps", "success", "PSNR", "ISA"):
+        assert needed in card
+    summary = json.loads((path / "training.json").read_text())
+    assert summary["attention"] == "isa" and summary["steps"] > 0 and "H100" in summary["device"]
+
+
+def test_bundled_architecture_matches_the_shipped_config():
+    # So that `liveditor train --config configs/tiny-shapeedit.toml --set train.init_from=...` continues it.
+    from safetensors.torch import load_file
+
+    from liveditor.training import build_components, load_config
+
+    _, text_encoder, codec, transformer = build_components(load_config(REPO / "configs" / "tiny-shapeedit.toml"))
+    shipped = load_file(default_model_path() / "transformer" / "diffusion_pytorch_model.safetensors")
+    ours = transformer.state_dict()
+    assert shipped.keys() == ours.keys()
+    assert all(shipped[k].shape == ours[k].shape for k in ours)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_bundled_model_has_learned_the_edit(bundled):
+    """From a half-noised target, the model's clean-video estimate is much closer to the target
+    than the input video is (a random model scores far below the input)."""
+    from liveditor.data.shapes import generate_example
+    from liveditor.eval.metrics import psnr
+    from liveditor.training import encode_instructions
+
+    pipe = bundled
+    example = generate_example(2, "test", "background")  # the input is far from the target here
+    source = torch.from_numpy(example.source).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    target = torch.from_numpy(example.target).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    context = pipe.encode_video(source)
+    x0 = pipe.encode_video(target)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = 0.5
+    with torch.no_grad():
+        text = encode_instructions(pipe.tokenizer, pipe.text_encoder, [example.instruction], pipe.config.max_sequence_length)
+        flow = pipe.transformer((1 - t) * x0 + t * noise, torch.tensor([t * 1000]), text, context).sample
+    estimate = pipe.decode_latents((1 - t) * x0 + t * noise - t * flow)[0].permute(1, 2, 3, 0)
+    estimate = ((estimate.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert psnr(estimate, example.target) > psnr(example.source, example.target) + 5.0

@@ -1,0 +1,162 @@
+"""The training loop on CPU with a tiny config: outputs, exact resume, shards, init_from, schedule."""
+
+import json
+import logging
+import math
+from itertools import islice
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from liveditor.errors import LIVEditorError
+from liveditor.training import load_config, train
+from liveditor.training.loop import (
+    CHECKPOINT_DIR,
+    ResumableRandomSampler,
+    _replace_dir,
+    find_checkpoint,
+    learning_rate,
+    video_batch_to_model,
+)
+
+TINY = [
+    "model.num_layers=1", "model.num_attention_heads=2", "model.attention_head_dim=16", "model.ffn_dim=32",
+    "model.freq_dim=16", "model.isa={block_size = 16}",
+    "text.d_model=16", "text.num_layers=1", "text.num_heads=2", "text.d_ff=32", "text.max_length=16",
+    "text.drop_prob=0.5",
+    "data.frames=4", "data.height=32", "data.width=32", "data.num_workers=0", "data.num_examples=64",
+    "codec.stats_clips=2", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+    "train.max_time_s=0", "optim.warmup_steps=1", "optim.lr=1e-3",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, TINY + [f'train.output_dir="{tmp_path}"', *extra])
+
+
+def log_rows(path):
+    return [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_checkpoint_log_and_a_pipeline_that_edits(tmp_path):
+    from liveditor.data.shapes import ShapeEditConfig, generate_example
+    from liveditor.pipelines import load_pipeline
+
+    result = train(tiny_config(tmp_path, "train.max_steps=3"), progress=False)
+    assert result.steps == 3 and result.samples == 6 and math.isfinite(result.last_loss)
+    rows = log_rows(tmp_path)
+    assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
+    steps = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["clips_per_s"] > 0 for r in steps)
+    state = json.loads((tmp_path / CHECKPOINT_DIR / "trainer_state.json").read_text())
+    assert state["step"] == 3 and len(state["latents_mean"]) == 48
+
+    pipe = load_pipeline(result.pipeline_dir)
+    assert pipe.config.resolution_buckets == [[32, 32]] and pipe.config.max_sequence_length == 16
+    weights = load_file(result.pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    summary = json.loads((result.pipeline_dir / "training.json").read_text())
+    assert summary["steps"] == 3 and summary["attention"] == "isa"
+    example = generate_example(0, "test", config=ShapeEditConfig(frames=4, height=32, width=32))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(example.source, example.instruction, num_inference_steps=2, guidance_scale=2.0, seed=0).frames
+    assert out.shape == (1, 4, 32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_resumed_run_matches_an_uninterrupted_run(tmp_path):
+    # A constant learning rate, so that stopping at max_steps=2 is the same as being interrupted there.
+    constant = "optim.min_lr_ratio=1.0"
+    straight = train(tiny_config(tmp_path / "a", "train.max_steps=4", constant), progress=False, export=False)
+    train(tiny_config(tmp_path / "b", "train.max_steps=2", constant), progress=False, export=False)
+    resumed = train(tiny_config(tmp_path / "b", "train.max_steps=4", constant), progress=False, export=False)
+    assert straight.steps == resumed.steps == 4
+    assert [r["step"] for r in log_rows(tmp_path / "b") if "event" not in r] == [1, 2, 3, 4]
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a = load_file(tmp_path / "a" / CHECKPOINT_DIR / name)
+        b = load_file(tmp_path / "b" / CHECKPOINT_DIR / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    fresh = train(tiny_config(tmp_path / "b", "train.max_steps=5"), resume=False, progress=False, export=False)
+    assert fresh.steps == 5  # --no-resume starts from step 0
+
+
+def test_checkpoint_swap_always_leaves_a_complete_checkpoint(tmp_path):
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    (tmp_path / CHECKPOINT_DIR / "trainer_state.json").write_text('{"step": 1}')
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "trainer_state.json").write_text('{"step": 2}')
+    _replace_dir(new, tmp_path / CHECKPOINT_DIR)
+    assert json.loads((find_checkpoint(tmp_path) / "trainer_state.json").read_text())["step"] == 2
+    assert not (tmp_path / (CHECKPOINT_DIR + ".old")).exists()
+    # A crash between the two renames leaves only checkpoint.old: it is found.
+    (tmp_path / CHECKPOINT_DIR).rename(tmp_path / (CHECKPOINT_DIR + ".old"))
+    assert find_checkpoint(tmp_path) == tmp_path / (CHECKPOINT_DIR + ".old")
+    assert find_checkpoint(tmp_path / "nothing") is None
+
+
+def test_training_from_shards_skips_a_corrupt_shard_with_a_warning(tmp_path, caplog):
+    from liveditor.data.shapes import ShapeEditConfig
+    from liveditor.data.shards import write_shapeedit_shards
+
+    shards = tmp_path / "shards"
+    write_shapeedit_shards(shards, 6, samples_per_shard=2, config=ShapeEditConfig(frames=4, height=32, width=32),
+                           progress=False)
+    first = sorted(shards.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:700])  # truncated
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_config(tmp_path / "run", f'data.source="{shards}"', "train.max_steps=3"),
+                       progress=False, export=False)
+    assert result.steps == 3
+    assert any("corrupt" in r.getMessage() and first.name in r.getMessage() for r in caplog.records)
+
+
+def test_init_from_a_pipeline_folder(tmp_path):
+    first = train(tiny_config(tmp_path / "a", "train.max_steps=1"), progress=False)
+    reference = load_file(first.pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    # lr ~ 0: the new run's weights are the folder's (stored in fp16).
+    second = train(tiny_config(tmp_path / "b", "train.max_steps=1", "optim.lr=1e-30",
+                               f'train.init_from="{first.pipeline_dir}"'), progress=False, export=False)
+    assert second.steps == 1
+    trained = load_file(tmp_path / "b" / CHECKPOINT_DIR / "model.safetensors")
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value.float(), msg=key)
+    with pytest.raises(LIVEditorError, match="does not match"):
+        train(tiny_config(tmp_path / "c", "train.max_steps=1", "model.ffn_dim=64",
+                          f'train.init_from="{first.pipeline_dir}"'), progress=False)
+
+
+def test_learning_rate_schedule():
+    config = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
+                                "train.max_steps=100", "train.max_time_s=0"])
+    assert learning_rate(config, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(config, 9, 0.0) == pytest.approx(1.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09))))
+    assert learning_rate(config, 50, 0.0) == pytest.approx(0.55)
+    assert learning_rate(config, 100, 0.0) == pytest.approx(0.1)
+    timed = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=0", "optim.min_lr_ratio=0.0",
+                               "train.max_steps=1000", "train.max_time_s=60"])
+    assert learning_rate(timed, 10, 30.0) == pytest.approx(0.5)  # time is the nearer limit
+
+
+def test_sampler_resumes_exactly_and_splits_processes():
+    full = list(islice(iter(ResumableRandomSampler(10, seed=3)), 25))
+    assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]
+    assert list(islice(iter(ResumableRandomSampler(10, seed=3, start=13)), 12)) == full[13:25]
+    ranks = [list(islice(iter(ResumableRandomSampler(10, seed=3, rank=r, num_replicas=2)), 5)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    with pytest.raises(LIVEditorError):
+        ResumableRandomSampler(1, seed=0, num_replicas=2)
+
+
+def test_uint8_and_float_batches_give_the_same_model_input():
+    from liveditor.data.shapes import generate_example
+    from liveditor.data.shards import example_to_tensors
+
+    example = generate_example(4, "train")
+    uint8 = video_batch_to_model(torch.from_numpy(example.source)[None], "cpu")
+    floats = video_batch_to_model(example_to_tensors(example)["source"][None], "cpu")
+    torch.testing.assert_close(uint8, floats)
+    assert uint8.shape == (1, 3, 16, 64, 64)

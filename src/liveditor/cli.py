@@ -221,6 +221,7 @@ def _add_eval(subparsers) -> None:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device)
+        pipe.set_progress_bar_config(disable=True)  # one bar for the whole benchmark
         height, width = pipe.resolution_buckets[0]
         result = evaluate_shapeedit(
             pipeline_edit_fn(pipe, args.steps, args.guidance, args.seed),
@@ -273,6 +274,7 @@ def _add_record_activations(subparsers) -> None:
             raise ValueError(f"--clips must be at least 1, got {args.clips}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device)
+        pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
         steps = args.steps or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})

@@ -30,7 +30,14 @@ from .config import ISAConfig, ISAInfo, block_counts
 from .layout import block_layout
 from .reference import _flop_fraction, coarse_decisions
 from .triton_pool import pool_qkv
-from .triton_sparse import gather_exact_rows, sparse_backward, sparse_forward
+from .triton_sparse import (
+    gather_exact_rows,
+    pack_kept,
+    scatter_exact_rows,
+    sparse_backward,
+    sparse_forward,
+    unpack_kept,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +180,57 @@ def _sparse_backward(ctx, dout, dlse):
 isa_sparse_attention.register_autograd(_sparse_backward, setup_context=_sparse_setup)
 
 
+@torch.library.custom_op("liveditor::isa_pack_exact", mutates_args=())
+def isa_pack_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_order: torch.Tensor,
+                   selected: torch.Tensor, num_source: int, block_size: int, num_full: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """The exact group's inputs for a dense kernel: sharp query blocks and kept keys/values, packed."""
+    q_ex = gather_exact_rows(q, query_order, num_source, block_size, num_full)
+    k_ex, v_ex = pack_kept(k, v, selected, num_source, block_size)
+    return q_ex, k_ex, v_ex
+
+
+@isa_pack_exact.register_fake
+def _isa_pack_exact_fake(q, k, v, query_order, selected, num_source, block_size, num_full):
+    B, H, _, D = q.shape
+    kv_len = num_source + selected.shape[-1] * block_size
+    return q.new_empty(B, H, num_full * block_size, D), k.new_empty(B, H, kv_len, D), v.new_empty(B, H, kv_len, D)
+
+
+@torch.library.custom_op("liveditor::isa_unpack_exact", mutates_args=())
+def isa_unpack_exact(dq_ex: torch.Tensor, dk_ex: torch.Tensor, dv_ex: torch.Tensor, query_order: torch.Tensor,
+                     selected: torch.Tensor, num_source: int, block_size: int, num_tokens: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    dq = scatter_exact_rows(dq_ex, query_order, num_source, block_size, num_tokens)
+    dk, dv = unpack_kept(dk_ex, dv_ex, selected, num_source, block_size, num_tokens)
+    return dq, dk, dv
+
+
+@isa_unpack_exact.register_fake
+def _isa_unpack_exact_fake(dq_ex, dk_ex, dv_ex, query_order, selected, num_source, block_size, num_tokens):
+    B, H, _, D = dq_ex.shape
+    return tuple(x.new_empty(B, H, num_tokens, D) for x in (dq_ex, dk_ex, dv_ex))
+
+
+def _pack_setup(ctx, inputs, output):
+    q, k, v, query_order, selected, num_source, block_size, num_full = inputs
+    ctx.save_for_backward(query_order, selected)
+    ctx.args = (num_source, block_size, q.shape[2])
+
+
+def _pack_backward(ctx, dq_ex, dk_ex, dv_ex):
+    query_order, selected = ctx.saved_tensors
+    num_source, block_size, num_tokens = ctx.args
+    dq, dk, dv = isa_unpack_exact(dq_ex.contiguous(), dk_ex.contiguous(), dv_ex.contiguous(), query_order, selected,
+                                  num_source, block_size, num_tokens)
+    return dq, dk, dv, None, None, None, None, None
+
+
+isa_pack_exact.register_autograd(_pack_backward, setup_context=_pack_setup)
+
+
 # ------------------------------------------------------------------- dense kernel for the exact group
 
 _DENSE_CHOICE: dict = {}
@@ -280,27 +338,14 @@ def _exact_group_dense(q, k, v, query_order, selected, num_source, block_size, n
     """The exact group through a dense kernel: packed `[B, H, num_full*b, D]` in query_order."""
     B, H, N, D = q.shape
     b = block_size
-    device = q.device
-    bi = torch.arange(B, device=device)[:, None, None]
-    hi = torch.arange(H, device=device)[None, :, None]
-    offsets = torch.arange(b, device=device)
-    start, length = block_spans(query_order[..., :num_full].long(), num_source, N, b)
-    rows = start[..., None] + torch.minimum(offsets, length[..., None] - 1)  # padding repeats a real row
-    q_ex = q[bi, hi, rows.flatten(2)]
-
+    q_ex, k_ex, v_ex = isa_pack_exact(q, k, v, query_order, selected, num_source, b, num_full)
     mask = None
-    if N > num_source:
+    if (N - num_source) % b:  # the last context block is partial: its padding slots must not count
         n_src, _ = _num_blocks(num_source, N, b)
-        ctx_start, ctx_len = block_spans(selected + n_src, num_source, N, b)
-        ctx_rows = ctx_start[..., None] + torch.minimum(offsets, ctx_len[..., None] - 1)
-        k_ex = torch.cat([k[:, :, :num_source], k[bi, hi, ctx_rows.flatten(2)]], dim=2)
-        v_ex = torch.cat([v[:, :, :num_source], v[bi, hi, ctx_rows.flatten(2)]], dim=2)
-        if (N - num_source) % b:
-            ctx_valid = (offsets < ctx_len[..., None]).flatten(2)
-            src_valid = torch.ones(B, H, num_source, dtype=torch.bool, device=device)
-            mask = torch.cat([src_valid, ctx_valid], dim=2)[:, :, None, :]
-    else:
-        k_ex, v_ex = k, v
+        _, ctx_len = block_spans(selected + n_src, num_source, N, b)
+        ctx_valid = (torch.arange(b, device=q.device) < ctx_len[..., None]).flatten(2)
+        src_valid = torch.ones(B, H, num_source, dtype=torch.bool, device=q.device)
+        mask = torch.cat([src_valid, ctx_valid], dim=2)[:, :, None, :]
     name = dense_exact_kernel(q, mask is not None)
     return dense_attention_by(name, q_ex, k_ex, v_ex, mask, scale)
 

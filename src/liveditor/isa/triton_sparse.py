@@ -24,7 +24,8 @@ import triton.language as tl
 from .triton_common import INTERPRET, LOG2E, block_span, mma, tile_dims, tile_rows
 from .triton_pool import last_dim_contiguous
 
-POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
+POOLED_CHUNK = 64  # pooled keys per step of the backward kernels
+KEYS_PER_STEP = 2  # key blocks per step of the forward kernel (its pooled chunk is KEYS_PER_STEP * 64)
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N, L_src, n_src, nb, n_kv, n_full, n_exact, first_group, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr, KEYS_PER_STEP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     g = first_group + tl.program_id(0)
     bh = tl.program_id(1)
@@ -67,22 +68,32 @@ def _fwd_kernel(
     n_chunks = tl.where(is_exact, 0, tl.cdiv(n_kv, BLOCK_P))
     list_base = ELIST + (bh.to(tl.int64) * nb + qb) * n_exact
 
+    # Each step attends to KEYS_PER_STEP key blocks at once (a wider tile, fewer softmax rescales).
+    krows = tl.arange(0, KEYS_PER_STEP * BLOCK_M)
+    part = krows // BLOCK_M
+    local = krows % BLOCK_M
+    kbase = K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh
+    vbase = V + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh
+    dmask = (dims < HEAD_DIM)[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for e in range(n_blocks):
+    for step in range(tl.cdiv(n_blocks, KEYS_PER_STEP)):
+        e = step * KEYS_PER_STEP + part
         listed = tl.load(list_base + tl.minimum(e, n_exact - 1))
-        kidx = tl.where(is_exact, e, listed)
+        kidx = tl.minimum(tl.where(is_exact, e, listed), n_kv - 1)
         kb = tl.load(KEPT + bh * n_kv + kidx)
         k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
-        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        key_ok = (e < n_blocks) & (local < k_len)
+        k_rows = (k_start + local).to(tl.int64)
+        k = tl.load(kbase + k_rows[:, None] * skn + dims[None, :], mask=key_ok[:, None] & dmask, other=0.0)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where((rows < k_len)[None, :], s, float("-inf"))
+        s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        v = tl.load(vbase + k_rows[:, None] * svn + dims[None, :], mask=key_ok[:, None] & dmask, other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
 
@@ -112,31 +123,74 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _scatter_rows_kernel(
-    SRC, DST, QORDER, H, N, L_src, n_src, nb, n_full, TO_TOKENS: tl.constexpr,
+def _move_rows_kernel(
+    SRC, DST, QORDER, stb, sth, stn, H, N, L_src, n_src, nb, n_full, TO_TOKENS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Exact-group rows between the dense kernel's packed layout `[B, H, n_full*b, D]` and token order.
+    """Exact-group query rows between packed `[B, H, n_full*b, D]` (query_order) and token order.
 
-    TO_TOKENS: packed -> tokens (forward scatter); else tokens -> packed with padding rows zeroed.
+    TO_TOKENS: packed -> tokens (output scatter); else tokens -> packed, padding rows zeroed.
+    (stb, sth, stn): strides of the token-ordered tensor; the packed one is contiguous.
     """
     g = tl.program_id(0)
     bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     qb = tl.load(QORDER + bh * nb + g)
     start, length = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
     dmask = (dims < HEAD_DIM)[None, :]
     packed = (bh.to(tl.int64) * n_full * BLOCK_SIZE + g * BLOCK_SIZE + rows)[:, None] * HEAD_DIM + dims[None, :]
-    tokens = (bh.to(tl.int64) * N + start + rows)[:, None] * HEAD_DIM + dims[None, :]
-    in_block = (rows < BLOCK_SIZE)[:, None] & dmask
+    tokens = bi.to(tl.int64) * stb + hi.to(tl.int64) * sth + (start + rows)[:, None].to(tl.int64) * stn + dims[None, :]
     valid = (rows < length)[:, None] & dmask
     if TO_TOKENS:
         x = tl.load(SRC + packed, mask=valid, other=0.0)
         tl.store(DST + tokens, x, mask=valid)
     else:
         x = tl.load(SRC + tokens, mask=valid, other=0.0)
-        tl.store(DST + packed, x, mask=in_block)
+        tl.store(DST + packed, x, mask=(rows < BLOCK_SIZE)[:, None] & dmask)
+
+
+@triton.jit
+def _move_kept_kernel(
+    SK, SV, DK, DV, SELECTED, skb, skh, skn, svb, svh, svn, H, N, L_src, n_src, n_sel, TO_PACKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Kept keys/values between token order and the dense kernel's packed `[B, H, L_src + n_sel*b, D]`.
+
+    Packed order: all source tokens, then the selected context blocks (padding rows zero). With
+    TO_PACKED the token side is (SK, SV) with the given strides; else it is (DK, DV), contiguous,
+    and only kept tokens are written.
+    """
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = (dims < HEAD_DIM)[None, :]
+    is_src = j < n_src
+    sel = tl.load(SELECTED + bh * n_sel + tl.maximum(j - n_src, 0), mask=j >= n_src, other=0)
+    blk = tl.where(is_src, j, n_src + sel)
+    start, length = block_span(blk, n_src, L_src, N, BLOCK_SIZE)
+    packed_start = tl.where(is_src, j * BLOCK_SIZE, L_src + (j - n_src) * BLOCK_SIZE)
+    n_packed = L_src + n_sel * BLOCK_SIZE
+    packed = (bh.to(tl.int64) * n_packed + packed_start + rows)[:, None] * HEAD_DIM + dims[None, :]
+    valid = (rows < length)[:, None] & dmask
+    if TO_PACKED:
+        in_slot = (rows < tl.where(is_src, length, BLOCK_SIZE))[:, None] & dmask
+        token_rows = (start + rows)[:, None].to(tl.int64)
+        k = tl.load(SK + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh + token_rows * skn + dims[None, :], mask=valid,
+                    other=0.0)
+        v = tl.load(SV + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh + token_rows * svn + dims[None, :], mask=valid,
+                    other=0.0)
+        tl.store(DK + packed, k, mask=in_slot)
+        tl.store(DV + packed, v, mask=in_slot)
+    else:
+        tokens = (bh.to(tl.int64) * N + start + rows)[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(DK + tokens, tl.load(SK + packed, mask=valid, other=0.0), mask=valid)
+        tl.store(DV + tokens, tl.load(SV + packed, mask=valid, other=0.0), mask=valid)
 
 
 @triton.jit
@@ -342,16 +396,16 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
     if exact_out is not None:
         first = num_full
     if exact_out is not None and "scatter" in stages:
-        _scatter_rows_kernel[(num_full, B * H)](
-            exact_out.contiguous(), out, query_order, H, N, num_source, n_src, nb, num_full, TO_TOKENS=True,
-            BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+        _move_rows_kernel[(num_full, B * H)](
+            exact_out.contiguous(), out, query_order, *out.stride()[:3], H, N, num_source, n_src, nb, num_full,
+            TO_TOKENS=True, BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
         )
     if nb > first and "attend" in stages:
         _fwd_kernel[(nb - first, B * H)](
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
             *_strides(q, k, v),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E,
-            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D),
+            BLOCK_P=KEYS_PER_STEP * 64, KEYS_PER_STEP=KEYS_PER_STEP, **meta, **_launch_options(block_size, D),
         )
     return out, lse
 
@@ -359,15 +413,65 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
 def gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int, num_full: int):
     """Token-ordered `[B,H,N,D]` -> packed exact-group rows `[B,H,num_full*b,D]`, padding rows zero."""
     B, H, N, D = x.shape
-    x = x.contiguous()
-    nb = query_order.shape[-1]
+    x = last_dim_contiguous(x)
     packed = torch.empty(B, H, num_full * block_size, D, device=x.device, dtype=x.dtype)
     meta = _meta(x, block_size)
-    _scatter_rows_kernel[(num_full, B * H)](
-        x, packed, query_order, H, N, num_source, -(-num_source // block_size), nb, num_full, TO_TOKENS=False,
+    _move_rows_kernel[(num_full, B * H)](
+        x, packed, query_order, *x.stride()[:3], H, N, num_source, -(-num_source // block_size),
+        query_order.shape[-1], num_full, TO_TOKENS=False,
         BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )
     return packed
+
+
+def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int,
+                       num_tokens: int):
+    """Inverse of gather_exact_rows: `[B,H,N,D]` holding the packed rows at their tokens, zeros elsewhere."""
+    B, H, _, D = packed.shape
+    num_full = packed.shape[2] // block_size
+    out = torch.zeros(B, H, num_tokens, D, device=packed.device, dtype=packed.dtype)
+    meta = _meta(packed, block_size)
+    _move_rows_kernel[(num_full, B * H)](
+        packed.contiguous(), out, query_order, *out.stride()[:3], H, num_tokens, num_source,
+        -(-num_source // block_size), query_order.shape[-1], num_full, TO_TOKENS=True,
+        BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+    )
+    return out
+
+
+def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_source: int, block_size: int):
+    """Kept keys and values packed for a dense kernel: `[B, H, L_src + n_sel*b, D]` each."""
+    B, H, N, D = k.shape
+    k, v = last_dim_contiguous(k), last_dim_contiguous(v)
+    selected = selected.to(torch.int32).contiguous()
+    n_src = -(-num_source // block_size)
+    n_sel = selected.shape[-1]
+    k_packed = torch.empty(B, H, num_source + n_sel * block_size, D, device=k.device, dtype=k.dtype)
+    v_packed = torch.empty_like(k_packed)
+    meta = _meta(k, block_size)
+    _move_kept_kernel[(n_src + n_sel, B * H)](
+        k, v, k_packed, v_packed, selected, *_strides(k, v), H, N, num_source, n_src, n_sel, TO_PACKED=True,
+        BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+    )
+    return k_packed, v_packed
+
+
+def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torch.Tensor, num_source: int,
+                block_size: int, num_tokens: int):
+    """Inverse of pack_kept for gradients: token-ordered tensors, zero on the dropped context blocks."""
+    B, H, _, D = dk_packed.shape
+    selected = selected.to(torch.int32).contiguous()
+    n_src = -(-num_source // block_size)
+    n_sel = selected.shape[-1]
+    dk = torch.zeros(B, H, num_tokens, D, device=dk_packed.device, dtype=dk_packed.dtype)
+    dv = torch.zeros_like(dk)
+    meta = _meta(dk, block_size)
+    _move_kept_kernel[(n_src + n_sel, B * H)](
+        dk_packed.contiguous(), dv_packed.contiguous(), dk, dv, selected, 0, 0, 0, 0, 0, 0,
+        H, num_tokens, num_source, n_src, n_sel, TO_PACKED=False,
+        BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+    )
+    return dk, dv
 
 
 def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, num_full: int, exact_in_kernel: bool):

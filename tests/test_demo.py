@@ -68,7 +68,7 @@ def test_side_by_side_layout():
 
 @pytest.mark.skipif(not default_model_path().exists(), reason="bundled tiny model not built yet")
 def test_demo_runs_on_the_bundled_model(tmp_path):
-    result = run_demo(tmp_path / "bundled", seed=1, steps=2, print_fn=None)
+    result = run_demo(tmp_path / "bundled", seed=1, steps=1, print_fn=None)
     assert result.instruction and (tmp_path / "bundled" / "side_by_side.mp4").exists()
 
 

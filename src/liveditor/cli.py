@@ -206,8 +206,8 @@ def _add_eval(subparsers) -> None:
     b.add_argument("--per-family", type=int, default=10, help="held-out clips per edit family (default 10)")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="default: all six")
     b.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=["isa", "dense"])
-    b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    b.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the pipeline's)")
+    b.add_argument("--steps", type=int, default=16, help="denoising steps (default 16, the bundled model's)")
+    b.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
     b.add_argument("--seed", type=int, default=0, help="noise seed, the same for every clip and mode")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
@@ -253,15 +253,13 @@ def _add_record_activations(subparsers) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: first, middle, last)")
     p.add_argument("--at-steps", type=int, nargs="+", default=None,
                    help="denoising step indices (default: first, middle, last)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps of each edit (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=16, help="denoising steps of each edit (default 16)")
+    p.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
     p.add_argument("--device", default=None)
     p.add_argument("--save", default=None, help="also save the recorded q/k/v (torch .pt)")
     p.add_argument("--json", dest="json_path", default=None, help="write the fidelity rows as JSON")
 
     def handler(args):
-        import inspect
-
         import torch
 
         from .data.shapes import ShapeEditConfig, generate_example
@@ -276,13 +274,14 @@ def _add_record_activations(subparsers) -> None:
         pipe = load_pipeline(args.model, device=device)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
-        steps = args.steps or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+        steps = args.steps
+        if steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
         at_steps = args.at_steps if args.at_steps is not None else sorted({0, steps // 2, steps - 1})
         height, width = pipe.resolution_buckets[0]
-        options = {"num_inference_steps": steps, "height": height, "width": width, "output_type": "latent", "seed": 0}
-        if args.guidance is not None:
-            options["guidance_scale"] = args.guidance
+        options = {"num_inference_steps": steps, "guidance_scale": args.guidance, "height": height, "width": width,
+                   "output_type": "latent", "seed": 0}
         records = []
         for seed in range(args.clips):
             example = generate_example(seed, "test", config=ShapeEditConfig(height=height, width=width))
@@ -316,8 +315,8 @@ def _add_demo(subparsers) -> None:
                    help="edit family (default: from the seed)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--attention", choices=("isa", "dense"), default=None, help="default: the model's setting")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=16, help="denoising steps (default 16, the bundled model's)")
+    p.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace demo files already in DIR")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .data.shapes import FAMILIES, ShapeEditConfig, generate_example
 from .errors import LIVEditorError
+from .eval.shapeedit import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 OUTPUT_FILES = ("input.mp4", "edit.mp4", "side_by_side.mp4", "demo.json")
 VIEW_SCALE = 4  # side-by-side panels are enlarged (nearest neighbour) so 64x64 clips are visible
@@ -75,13 +76,16 @@ def run_demo(
     family: str | None = None,
     model=None,
     attention: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     device: str | None = None,
     overwrite: bool = False,
     print_fn=print,
 ) -> DemoResult:
-    """Generate, edit and write a demo into ``out_dir`` (created if missing)."""
+    """Generate, edit and write a demo into ``out_dir`` (created if missing).
+
+    ``steps``/``guidance`` default to the bundled tiny model's benchmark settings (16, no CFG).
+    """
     import torch
 
     from .data.video_io import check_writable_video_path, write_video
@@ -94,7 +98,7 @@ def run_demo(
         raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if steps is not None and steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if attention not in (None, "isa", "dense"):
         raise ValueError(f"attention must be isa or dense, got {attention!r}")
@@ -122,13 +126,9 @@ def run_demo(
     # Held-out split: the clip was never seen in training.
     example = generate_example(seed, "test", family, config)
 
-    options = {}
-    if steps is not None:
-        options["num_inference_steps"] = steps
-    if guidance is not None:
-        options["guidance_scale"] = guidance
     start = time.perf_counter()
-    result = pipe(example.source, example.instruction, height=height, width=width, seed=seed, output_type="np", **options)
+    result = pipe(example.source, example.instruction, num_inference_steps=steps, guidance_scale=guidance,
+                  height=height, width=width, seed=seed, output_type="np")
     seconds = time.perf_counter() - start
     edited = to_uint8_video(result.frames[0])
     if edited.shape != example.source.shape:

@@ -25,6 +25,11 @@ EditFn = Callable[[np.ndarray, str, str], np.ndarray]
 
 ATTENTION_MODES = ("isa", "dense")
 
+# Sampling settings of the bundled tiny model's benchmark (its model card): 16 UniPC steps, no CFG.
+# The benchmark, the demo and the activation recorder default to them.
+DEFAULT_STEPS = 16
+DEFAULT_GUIDANCE = 1.0
+
 
 def to_uint8_video(frames) -> np.ndarray:
     """A pipeline's float [F, H, W, 3] output in [0, 1] (or uint8) as uint8."""

@@ -32,7 +32,6 @@ from liveditor.isa import ISAConfig
 from liveditor.isa import ops
 from liveditor.isa.config import block_counts
 from liveditor.isa.reference import isa_attention_torch
-from liveditor.isa import triton_sparse
 from liveditor.isa.triton_sparse import sparse_forward
 
 SHAPES = {
@@ -203,26 +202,6 @@ def bench_shape(name, B, H, L_src, L_ctx, D, config, dtype, backward: bool, brea
     return row
 
 
-def tune_keys_per_step(config, dtype) -> dict:
-    """Time the forward kernel (both groups in Triton) at the headline shape with 1 and 2 key blocks
-    per step, and keep the faster for this run."""
-    B, H, L_src, L_ctx, D = SHAPES[HEADLINE]
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    q, k, v = (torch.randn(B, H, L_src + L_ctx, D, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
-    scale = D ** -0.5
-    n_full = block_counts(L_src, L_ctx, config).num_full
-    with torch.no_grad():
-        plan = ops.plan_isa(q, k, v, L_src, config, scale)
-        common = (q, k, v, plan.pooled_k, plan.pooled_v, plan.kept32, plan.query_order, plan.exact_lists,
-                  plan.exact_mask, None, L_src, config.block_size, n_full, scale)
-        times = {}
-        for keys_per_step in (1, 2):
-            triton_sparse.KEYS_PER_STEP = keys_per_step
-            times[keys_per_step] = timed(lambda: sparse_forward(*common))
-    triton_sparse.KEYS_PER_STEP = min(times, key=times.get)
-    return dict(ms_by_keys_per_step=times, chosen=triton_sparse.KEYS_PER_STEP)
-
-
 def check_against_torch_path(config, dtype) -> dict:
     """Relative L2 error of the Triton path against the PyTorch path (fp32 inputs copy) at a mid size."""
     B, H, L_src, L_ctx, D = 1, 4, 8192, 8192, 128
@@ -289,8 +268,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--json", dest="json_path", default="bench_isa.json")
-    parser.add_argument("--tune", action="store_true",
-                        help="first pick the forward kernel's key blocks per step (1 or 2) by timing both")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_isa.py needs a CUDA GPU", file=sys.stderr)
@@ -305,11 +282,6 @@ def main(argv=None) -> int:
         timespec="seconds"), commit=git_commit(), torch=torch.__version__, triton=__import__("triton").__version__,
         config=dataclasses.asdict(config), dtype=args.dtype)
     print(f"# {meta['card']}  {meta['date']}  commit {meta['commit']}  torch {meta['torch']}  triton {meta['triton']}")
-    if args.tune:
-        meta["keys_per_step"] = tune_keys_per_step(config, dtype)
-        print(f"# forward kernel key blocks per step: {meta['keys_per_step']}")
-    else:
-        meta["keys_per_step"] = dict(chosen=triton_sparse.KEYS_PER_STEP)
     meta["check"] = check_against_torch_path(config, dtype)
     print(f"# check vs PyTorch path: {meta['check']}")
 

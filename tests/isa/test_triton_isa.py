@@ -164,17 +164,3 @@ def test_backend_choice(caplog):
     with pytest.raises(ValueError, match="exact_kernel"):
         ops.isa_attention_triton(q, k, v, 20, config, exact_kernel="fa9")
 
-
-def test_one_key_block_per_step_gives_the_same_function(monkeypatch):
-    from liveditor.isa import triton_sparse
-
-    B, H, L_src, L_ctx, D, b = 1, 2, 70, 58, 64, 16
-    config = ISAConfig(block_size=b, select_ratio=0.5, exact_ratio=0.3)
-    q, k, v = draw(B, H, L_src + L_ctx, D, torch.bfloat16)
-    wide = ops.isa_attention_triton(q, k, v, L_src, config, scale=D ** -0.5, exact_kernel="triton")
-    monkeypatch.setattr(triton_sparse, "KEYS_PER_STEP", 1)
-    narrow = ops.isa_attention_triton(q, k, v, L_src, config, scale=D ** -0.5, exact_kernel="triton")
-    reference = isa_attention_torch(q.float(), k.float(), v.float(), L_src, config, scale=D ** -0.5)
-    torch_err = max_err(isa_attention_torch(q, k, v, L_src, config, scale=D ** -0.5), reference)
-    bound = 2 * torch_err + ABS_FLOOR[torch.bfloat16] * reference.abs().max().item()
-    assert max_err(narrow, reference) <= bound and max_err(wide, reference) <= bound

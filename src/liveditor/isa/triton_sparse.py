@@ -24,8 +24,7 @@ import triton.language as tl
 from .triton_common import INTERPRET, LOG2E, block_span, mma, tile_dims, tile_rows
 from .triton_pool import last_dim_contiguous
 
-POOLED_CHUNK = 64  # pooled keys per step of the backward kernels
-KEYS_PER_STEP = 2  # key blocks per step of the forward kernel (its pooled chunk is KEYS_PER_STEP * 64)
+POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
 
 
 @triton.jit
@@ -50,7 +49,7 @@ def _fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N, L_src, n_src, nb, n_kv, n_full, n_exact, first_group, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_P: tl.constexpr, KEYS_PER_STEP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     g = first_group + tl.program_id(0)
     bh = tl.program_id(1)
@@ -68,32 +67,22 @@ def _fwd_kernel(
     n_chunks = tl.where(is_exact, 0, tl.cdiv(n_kv, BLOCK_P))
     list_base = ELIST + (bh.to(tl.int64) * nb + qb) * n_exact
 
-    # Each step attends to KEYS_PER_STEP key blocks at once (a wider tile, fewer softmax rescales).
-    krows = tl.arange(0, KEYS_PER_STEP * BLOCK_M)
-    part = krows // BLOCK_M
-    local = krows % BLOCK_M
-    kbase = K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh
-    vbase = V + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh
-    dmask = (dims < HEAD_DIM)[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for step in range(tl.cdiv(n_blocks, KEYS_PER_STEP)):
-        e = step * KEYS_PER_STEP + part
+    for e in range(n_blocks):
         listed = tl.load(list_base + tl.minimum(e, n_exact - 1))
-        kidx = tl.minimum(tl.where(is_exact, e, listed), n_kv - 1)
+        kidx = tl.where(is_exact, e, listed)
         kb = tl.load(KEPT + bh * n_kv + kidx)
         k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
-        key_ok = (e < n_blocks) & (local < k_len)
-        k_rows = (k_start + local).to(tl.int64)
-        k = tl.load(kbase + k_rows[:, None] * skn + dims[None, :], mask=key_ok[:, None] & dmask, other=0.0)
+        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        s = tl.where((rows < k_len)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vbase + k_rows[:, None] * svn + dims[None, :], mask=key_ok[:, None] & dmask, other=0.0)
+        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
 
@@ -405,7 +394,7 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
             *_strides(q, k, v),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E,
-            BLOCK_P=KEYS_PER_STEP * 64, KEYS_PER_STEP=KEYS_PER_STEP, **meta, **_launch_options(block_size, D),
+            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D),
         )
     return out, lse
 

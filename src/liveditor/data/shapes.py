@@ -142,7 +142,7 @@ def instruction_words(text: str) -> list[str]:
 
 def _vocabulary() -> tuple[str, ...]:
     texts = []
-    for family, templates in TEMPLATES.items():
+    for templates in TEMPLATES.values():
         groups = templates.values() if isinstance(templates, dict) else [templates]
         for group in groups:
             texts.extend(group)
@@ -373,7 +373,6 @@ def interior_mask(video: np.ndarray, tolerance: int = 8) -> np.ndarray:
     """bool ``[F, H, W]``: pixels whose 3x3 neighbourhood (edge-padded) spans at most
     ``tolerance`` per channel: not on a shape or texture edge (smooth gradients count)."""
     padded = np.pad(video, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    H, W = video.shape[1:3]
     rows_max = np.maximum(np.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
     rows_min = np.minimum(np.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
     high = np.maximum(np.maximum(rows_max[:, :, :-2], rows_max[:, :, 1:-1]), rows_max[:, :, 2:])

@@ -48,7 +48,7 @@ def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scal
         options["guidance_scale"] = guidance_scale
 
     def edit(source: np.ndarray, instruction: str, attention: str) -> np.ndarray:
-        F, H, W, _ = source.shape
+        _, H, W, _ = source.shape
         out = pipe(
             source,
             instruction,

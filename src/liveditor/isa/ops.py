@@ -7,8 +7,9 @@ decisions (it calls `reference.coarse_decisions` on the pooled tensors):
 2. Coarse logits, softmax, context ranking, sharpness routing and each flat block's exact key
    blocks: torch ops on the device (top-k stays on the GPU, no host sync).
 3. Exact group: the fastest dense kernel present, chosen by measurement (FlashAttention-3 if
-   installed, else SDPA cuDNN / flash / efficient) over the gathered sharp query blocks and the
-   kept keys; or the Triton kernel itself where that is faster or the kept keys carry padding.
+   installed, else SDPA cuDNN / flash / efficient) over the sharp query blocks and the kept keys,
+   packed by a Triton kernel; or the Triton attention kernel itself when the kept keys carry
+   padding (the context's last block is partial), so that no key mask is needed.
 4. `liveditor::isa_sparse_attention`: the Taylor group and the scatter of the exact group into
    token order, one kernel launch each (Triton).
 5. Optional coarse residual (torch ops).
@@ -20,6 +21,7 @@ custom ops with fake implementations, everything else is aten ops with static sh
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -317,8 +319,6 @@ def dense_attention_by(name: str, q, k, v, mask, scale):
 
 def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None when they can."""
-    import os
-
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -160,3 +160,18 @@ def test_uint8_and_float_batches_give_the_same_model_input():
     floats = video_batch_to_model(example_to_tensors(example)["source"][None], "cpu")
     torch.testing.assert_close(uint8, floats)
     assert uint8.shape == (1, 3, 16, 64, 64)
+
+
+def test_gradient_checkpointing_gives_the_plain_step_and_accumulation_runs(tmp_path):
+    # Recomputing activations in the backward pass changes nothing.
+    plain = train(tiny_config(tmp_path / "plain", "train.max_steps=1"), progress=False, export=False)
+    ckpt = train(tiny_config(tmp_path / "ckpt", "train.max_steps=1", "train.gradient_checkpointing=true"),
+                 progress=False, export=False)
+    assert plain.steps == ckpt.steps == 1
+    a = load_file(tmp_path / "plain" / CHECKPOINT_DIR / "model.safetensors")
+    b = load_file(tmp_path / "ckpt" / CHECKPOINT_DIR / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    accumulated = train(tiny_config(tmp_path / "accum", "train.max_steps=1", "train.batch_size=1",
+                                    "train.grad_accum_steps=2"), progress=False, export=False)
+    assert accumulated.samples == 2  # one optimizer step over two micro-batches

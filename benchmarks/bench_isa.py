@@ -26,7 +26,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from liveditor.isa import ISAConfig
 from liveditor.isa import ops

@@ -85,3 +85,13 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, model_folder,
 def test_debug_shows_the_traceback(tmp_path, model_folder, input_video):
     with pytest.raises(Exception, match="instruction is empty"):
         cli_main(["--debug", "edit", str(input_video), "", "-o", str(tmp_path / "o.mp4"), "--model", str(model_folder)])
+
+
+def test_bundled_model_warns_on_out_of_domain_instruction(tmp_path, capsys):
+    from liveditor.demo import example_input_path
+
+    out = tmp_path / "edit.mp4"
+    assert cli_main(["edit", str(example_input_path()), "paint a photorealistic dragon", "-o", str(out), "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "outside the ShapeEdit domain" in err and "dragon" in err
+    assert out.stat().st_size > 0 and (out.stat().st_mode & 0o044)  # readable by others, as any new file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import LIVEditorError
 
@@ -56,8 +57,9 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--attention", choices=("isa", "dense"), default=None,
                    help="self-attention: isa (sparse) or dense (default: the model's own setting)")
-    p.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
-    p.add_argument("--guidance", type=float, default=2.5, help="text CFG scale (default 2.5; <=1 disables)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 32 for LIVEditor-14B)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text CFG scale, <=1 disables (default: the model's, 2.5 for LIVEditor-14B)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=None, help="use at most this many input frames")
     p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: Wan's)")
@@ -206,8 +208,8 @@ def _add_eval(subparsers) -> None:
     b.add_argument("--per-family", type=int, default=10, help="held-out clips per edit family (default 10)")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="default: all six")
     b.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=["isa", "dense"])
-    b.add_argument("--steps", type=int, default=16, help="denoising steps (default 16, the bundled model's)")
-    b.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
+    b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    b.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
     b.add_argument("--seed", type=int, default=0, help="noise seed, the same for every clip and mode")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
@@ -216,25 +218,28 @@ def _add_eval(subparsers) -> None:
         import torch
 
         from .data.shapes import FAMILIES, ShapeEditConfig
-        from .eval.shapeedit import evaluate_shapeedit, format_summary, pipeline_edit_fn, write_result_json
+        from .atomic import write_json
+        from .eval.shapeedit import evaluate_shapeedit, format_summary, pipeline_edit_fn
         from .pipelines.loading import load_pipeline
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device)
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole benchmark
         height, width = pipe.resolution_buckets[0]
+        steps = pipe.config.default_num_inference_steps if args.steps is None else args.steps
+        guidance = pipe.config.default_guidance_scale if args.guidance is None else args.guidance
         result = evaluate_shapeedit(
-            pipeline_edit_fn(pipe, args.steps, args.guidance, args.seed),
+            pipeline_edit_fn(pipe, steps, guidance, args.seed),
             per_family=args.per_family,
             attentions=args.attention,
             families=args.families or FAMILIES,
             config=ShapeEditConfig(height=height, width=width),
         )
-        result["settings"].update(model=str(args.model or "bundled tiny model"), device=device, steps=args.steps,
-                                  guidance=args.guidance, seed=args.seed)
+        result["settings"].update(model=str(args.model or "bundled tiny model"), device=device, steps=steps,
+                                  guidance=guidance, seed=args.seed)
         print(format_summary(result))
         if args.json_path:
-            write_result_json(args.json_path, result)
+            write_json(args.json_path, result)
             print(f"wrote {args.json_path}")
 
     b.set_defaults(handler=handler)
@@ -253,8 +258,8 @@ def _add_record_activations(subparsers) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: first, middle, last)")
     p.add_argument("--at-steps", type=int, nargs="+", default=None,
                    help="denoising step indices (default: first, middle, last)")
-    p.add_argument("--steps", type=int, default=16, help="denoising steps of each edit (default 16)")
-    p.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of each edit (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
     p.add_argument("--device", default=None)
     p.add_argument("--save", default=None, help="also save the recorded q/k/v (torch .pt)")
     p.add_argument("--json", dest="json_path", default=None, help="write the fidelity rows as JSON")
@@ -264,7 +269,7 @@ def _add_record_activations(subparsers) -> None:
 
         from .data.shapes import ShapeEditConfig, generate_example
         from .eval.activations import activation_fidelity, record_attention
-        from .eval.shapeedit import write_result_json
+        from .atomic import write_json
         from .isa.report import format_table
         from .pipelines.loading import load_pipeline
 
@@ -274,7 +279,7 @@ def _add_record_activations(subparsers) -> None:
         pipe = load_pipeline(args.model, device=device)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
-        steps = args.steps
+        steps = pipe.config.default_num_inference_steps if args.steps is None else args.steps
         if steps < 1:
             raise ValueError(f"--steps must be at least 1, got {steps}")
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
@@ -287,7 +292,7 @@ def _add_record_activations(subparsers) -> None:
             example = generate_example(seed, "test", config=ShapeEditConfig(height=height, width=width))
             records += record_attention(pipe, example.source, example.instruction, layers, at_steps, **options)
         if args.save:
-            from .data.shards import atomic_output
+            from .atomic import atomic_output
 
             with atomic_output(args.save) as handle:
                 torch.save([vars(r) for r in records], handle)
@@ -297,7 +302,7 @@ def _add_record_activations(subparsers) -> None:
         print(format_table(result["mean"]))
         print(f"lowest error among the sharpness/order defaults: {result['best_default']}")
         if args.json_path:
-            write_result_json(args.json_path, {"layers": layers, "steps": at_steps, "num_inference_steps": steps, **result})
+            write_json(args.json_path, {"layers": layers, "steps": at_steps, "num_inference_steps": steps, **result})
 
     p.set_defaults(handler=handler)
 
@@ -315,8 +320,8 @@ def _add_demo(subparsers) -> None:
                    help="edit family (default: from the seed)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--attention", choices=("isa", "dense"), default=None, help="default: the model's setting")
-    p.add_argument("--steps", type=int, default=16, help="denoising steps (default 16, the bundled model's)")
-    p.add_argument("--guidance", type=float, default=1.0, help="text CFG scale (default 1.0: no CFG)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace demo files already in DIR")
 
@@ -346,9 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"liveditor: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.showwarning = _show_warning
     try:
         args.handler(args)
     except (LIVEditorError, ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -21,7 +21,6 @@ import numpy as np
 
 from .data.shapes import FAMILIES, ShapeEditConfig, generate_example
 from .errors import LIVEditorError
-from .eval.shapeedit import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 OUTPUT_FILES = ("input.mp4", "edit.mp4", "side_by_side.mp4", "demo.json")
 VIEW_SCALE = 4  # side-by-side panels are enlarged (nearest neighbour) so 64x64 clips are visible
@@ -76,20 +75,20 @@ def run_demo(
     family: str | None = None,
     model=None,
     attention: str | None = None,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    steps: int | None = None,
+    guidance: float | None = None,
     device: str | None = None,
     overwrite: bool = False,
     print_fn=print,
 ) -> DemoResult:
     """Generate, edit and write a demo into ``out_dir`` (created if missing).
 
-    ``steps``/``guidance`` default to the bundled tiny model's benchmark settings (16, no CFG).
+    ``steps``/``guidance`` default to the model folder's sampling defaults.
     """
     import torch
 
     from .data.video_io import check_writable_video_path, write_video
-    from .data.shards import atomic_output
+    from .atomic import atomic_output
     from .eval.metrics import edit_success, psnr, ssim
     from .eval.shapeedit import to_uint8_video
     from .pipelines.loading import check_pipeline_folder, default_model_path, load_pipeline
@@ -98,7 +97,7 @@ def run_demo(
         raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be at least 1, got {steps}")
     if attention not in (None, "isa", "dense"):
         raise ValueError(f"attention must be isa or dense, got {attention!r}")
@@ -126,6 +125,8 @@ def run_demo(
     # Held-out split: the clip was never seen in training.
     example = generate_example(seed, "test", family, config)
 
+    steps = pipe.config.default_num_inference_steps if steps is None else steps
+    guidance = pipe.config.default_guidance_scale if guidance is None else guidance
     start = time.perf_counter()
     result = pipe(example.source, example.instruction, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, output_type="np")

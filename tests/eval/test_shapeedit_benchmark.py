@@ -3,7 +3,8 @@ import pytest
 
 from liveditor.data.shapes import FAMILIES, generate_example
 from liveditor.eval.metrics import PSNR_CAP_DB
-from liveditor.eval.shapeedit import evaluate_shapeedit, format_summary, to_uint8_video, write_result_json
+from liveditor.atomic import write_json
+from liveditor.eval.shapeedit import evaluate_shapeedit, format_summary, to_uint8_video
 
 
 def _targets(per_family):
@@ -48,7 +49,7 @@ def test_isa_vs_dense_psnr_measures_the_difference(tmp_path):
     assert 35 < value < 50  # uniform noise of variance 4 is about 42 dB
     table = format_summary(result)
     assert all(f"| {family} |" in table for family in FAMILIES) and "ISA vs dense PSNR" in table
-    write_result_json(tmp_path / "r.json", result)
+    write_json(tmp_path / "r.json", result)
     assert (tmp_path / "r.json").read_text().startswith("{")
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from liveditor.isa import ISAConfig, isa_attention
-from liveditor.isa.config import block_counts
 from liveditor.isa.reference import isa_attention_torch, pool_blocks
 from liveditor.isa.layout import block_layout
 

@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 import torch
@@ -163,3 +164,27 @@ def test_other_components_with_the_same_interface_drop_in(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     out = loaded(_video(n=6, height=40, width=40), "make the circle red", num_inference_steps=2, seed=0)
     assert out.frames.shape == (1, 4, 32, 32, 3)  # temporal factor 1: every frame up to max_num_frames
+
+
+def test_sampling_defaults_come_from_the_pipeline_folder(pipe, tmp_path, monkeypatch):
+    assert (pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale) == (32, 2.5)
+    pipe.save_pretrained(tmp_path / "p")
+    index = tmp_path / "p" / "model_index.json"
+    config = json.loads(index.read_text())
+    config.update(default_num_inference_steps=3, default_guidance_scale=1.0)
+    index.write_text(json.dumps(config))
+    loaded = load_pipeline(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    calls = []
+    original = type(loaded.transformer).forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(loaded.transformer), "forward", spy)
+    loaded(_video(n=5, height=64, width=64), "x", seed=0)
+    assert len(calls) == 3  # 3 steps, one branch each (guidance 1.0 disables CFG)
+    calls.clear()
+    loaded(_video(n=5, height=64, width=64), "x", num_inference_steps=2, guidance_scale=2.0, seed=0)
+    assert len(calls) == 4

@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -37,41 +35,13 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import LIVEditorError
+from ..atomic import atomic_output, publish_file, temporary_path
 from .shapes import FAMILIES, SPLITS, ShapeEditConfig, ShapeEditExample, generate_example
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "index.json"
 FORMAT = "liveditor-shapeedit-webdataset-v1"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temporary file ordinary permissions (mkstemp makes it private) and rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +149,14 @@ class ShardWriter:
         path = self._shard_path(len(self.shards))
         if path.exists() and not self.overwrite:
             raise LIVEditorError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-        fd, self._tmp_path = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
+        self._tmp_path = temporary_path(path)
         self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
 
     def _finish(self) -> None:
         self._tar.close()
         path = self._shard_path(len(self.shards))
-        _publish(self._tmp_path, path)
+        publish_file(self._tmp_path, path)
         self.shards.append({"name": path.name, "num_samples": self._count})
         self._tar = self._tmp_path = None
 

@@ -8,12 +8,12 @@ folder and renames it into place, so a failed write never leaves a partial or cl
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import publish_file, temporary_path
 from ..errors import LIVEditorError
 
 READABLE_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -147,8 +147,7 @@ def write_video(path, frames, fps: float, overwrite: bool = False, crf: int = 18
     if height % 2 or width % 2:
         raise ValueError(f"H.264 yuv420p needs even frame sizes, got {height}x{width}")
     ffmpeg = _ffmpeg()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    tmp = temporary_path(path, suffix=".mp4")
     try:
         writer = ffmpeg.write_frames(
             tmp,
@@ -164,7 +163,7 @@ def write_video(path, frames, fps: float, overwrite: bool = False, crf: int = 18
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

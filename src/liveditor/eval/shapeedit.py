@@ -10,26 +10,18 @@ doing nothing scores).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..data.shapes import FAMILIES, ShapeEditConfig, generate_example
-from ..data.shards import atomic_output
 from .metrics import PSNR_CAP_DB, edit_success, psnr, ssim
 
 # (source uint8 [F, H, W, 3], instruction, attention mode) -> edited uint8 [F, H, W, 3]
 EditFn = Callable[[np.ndarray, str, str], np.ndarray]
 
 ATTENTION_MODES = ("isa", "dense")
-
-# Sampling settings of the bundled tiny model's benchmark (its model card): 16 UniPC steps, no CFG.
-# The benchmark, the demo and the activation recorder default to them.
-DEFAULT_STEPS = 16
-DEFAULT_GUIDANCE = 1.0
-
 
 def to_uint8_video(frames) -> np.ndarray:
     """A pipeline's float [F, H, W, 3] output in [0, 1] (or uint8) as uint8."""
@@ -178,7 +170,3 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_result_json(path, result: dict) -> None:
-    with atomic_output(path, "w") as handle:
-        json.dump(result, handle, indent=2)
-        handle.write("\n")

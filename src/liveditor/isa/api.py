@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ISAConfig, ISAInfo
+from .config import ISAConfig
 from .dispatch import resolve_backend
 from .layout import sequence_tile_permutation
 

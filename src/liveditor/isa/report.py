@@ -8,14 +8,12 @@ spatio-temporal distance, each context token sits at the same grid position as a
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, replace
 
 import torch
 
+from ..atomic import write_json
 from .api import dense_attention, isa_attention
 from .config import ISAConfig
 
@@ -138,19 +136,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, payload) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run_fidelity_report(
     grid=(8, 16, 24), heads=4, head_dim=64, seed=0, device="cpu", json_path=None, print_fn=print
 ):
@@ -169,5 +154,5 @@ def run_fidelity_report(
                 and r["full_ratio"] == 0.5 and r["exact_ratio"] == 0.0625), key=lambda r: r["rel_l2"])
     print_fn(f"lowest error at default ratios: {best['config']}")
     if json_path:
-        write_json_atomic(json_path, {"grid": list(grid), "heads": heads, "head_dim": head_dim, "seed": seed, "rows": rows})
+        write_json(json_path, {"grid": list(grid), "heads": heads, "head_dim": head_dim, "seed": seed, "rows": rows})
     return rows

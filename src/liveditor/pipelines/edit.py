@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def run_edit(
     output_path,
     model=None,
     attention: str | None = None,
-    steps: int = 32,
-    guidance: float = 2.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     frames: int | None = None,
     negative_prompt: str | None = None,
@@ -58,7 +59,7 @@ def run_edit(
 
     if not instruction or not instruction.strip():
         raise LIVEditorError("the edit instruction is empty")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise LIVEditorError(f"--steps must be at least 1, got {steps}")
     if frames is not None and frames < 1:
         raise LIVEditorError(f"--frames must be at least 1, got {frames}")
@@ -69,6 +70,11 @@ def run_edit(
         model = default_model_path()
         if not model.exists():
             raise LIVEditorError(f"the bundled tiny model is missing at {model}; pass --model <pipeline folder>")
+        from ..data.shapes import check_instruction
+
+        domain = check_instruction(instruction)
+        if not domain.in_domain:
+            warnings.warn(f"bundled tiny model: {domain.message}", stacklevel=2)
     check_pipeline_folder(model)
     clip = read_video(input_path)
     if device is None:

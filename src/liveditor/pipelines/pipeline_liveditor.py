@@ -164,6 +164,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         fps: float = 16.0,
         max_sequence_length: int = 512,
         max_num_frames: int = 81,
+        default_num_inference_steps: int = 32,
+        default_guidance_scale: float = 2.5,
     ):
         super().__init__()
         self.register_modules(
@@ -177,6 +179,8 @@ class LIVEditorPipeline(DiffusionPipeline):
             fps=float(fps),
             max_sequence_length=max_sequence_length,
             max_num_frames=max_num_frames,
+            default_num_inference_steps=int(default_num_inference_steps),
+            default_guidance_scale=float(default_guidance_scale),
         )
 
     # ----- geometry ----------------------------------------------------------------------------
@@ -276,8 +280,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         video,
         prompt: str,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 32,
-        guidance_scale: float = 2.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -294,8 +298,10 @@ class LIVEditorPipeline(DiffusionPipeline):
                 tensor `[F, 3, H, W]` (uint8 0..255 or float 0..1).
             prompt: the edit instruction.
             negative_prompt: the CFG negative branch (None: Wan's standard negative prompt).
-            num_inference_steps: solver steps (32).
-            guidance_scale: text-only classifier-free guidance (2.5); the context video is in both
+            num_inference_steps: solver steps (None: the folder's `default_num_inference_steps`,
+                32 for LIVEditor-14B).
+            guidance_scale: text-only classifier-free guidance (None: the folder's
+                `default_guidance_scale`, 2.5 for LIVEditor-14B); the context video is in both
                 branches. 1 or less disables CFG.
             height, width: output size, one of the pipeline's resolution buckets (default: the bucket
                 with the nearest aspect ratio).
@@ -309,6 +315,10 @@ class LIVEditorPipeline(DiffusionPipeline):
             raise LIVEditorError("the edit instruction is empty")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError("negative_prompt must be a string")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         if output_type not in ("np", "pil", "pt", "latent"):

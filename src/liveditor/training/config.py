@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Any
 
 from ..errors import LIVEditorError
 from ..isa import ISAConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 
 class ConfigError(LIVEditorError):
@@ -110,6 +116,8 @@ class ExportSection:
     dtype: str = "float16"  # weights on disk: "float16", "bfloat16" or "float32"
     flow_shift: float = 3.0  # the UniPC scheduler's shift at inference
     fps: float = 8.0
+    num_inference_steps: int = 16  # the pipeline folder's sampling defaults
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -217,8 +225,6 @@ def _read_file(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     try:
         if suffix == ".toml":
-            import tomllib
-
             return tomllib.loads(text)
         if suffix in (".yaml", ".yml"):
             import yaml
@@ -292,8 +298,6 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
-    import tomllib
-
     try:  # TOML value syntax: 3e-4, true, "text", [1, 2, 2]
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

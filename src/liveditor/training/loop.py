@@ -331,6 +331,8 @@ def export_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transfo
         fps=config.export.fps,
         max_sequence_length=config.text.max_length,
         max_num_frames=config.data.frames,
+        default_num_inference_steps=config.export.num_inference_steps,
+        default_guidance_scale=config.export.guidance_scale,
     )
     pipeline_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pipeline_dir.with_name(f".{pipeline_dir.name}.tmp")

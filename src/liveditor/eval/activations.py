@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..isa.report import fidelity_table, report_configs
-from ..models.attention_processor import apply_rotary_embedding
+from ..models.attention_processor import self_attention_qkv
 
 
 @dataclass
@@ -30,22 +30,6 @@ class RecordedAttention:
     v: torch.Tensor
     num_source: int
     grid: tuple[int, int, int]
-
-
-def attention_inputs(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``[B, H, N, D]`` of a Wan self-attention module for ``hidden_states``, the way the
-    LIVEditor processor computes them."""
-    if getattr(attn, "fused_projections", False):
-        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-    if rotary_emb is not None:
-        query = apply_rotary_embedding(query, *rotary_emb)
-        key = apply_rotary_embedding(key, *rotary_emb)
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
 
 def _check_indices(name: str, values: Sequence[int], limit: int) -> list[int]:
@@ -84,7 +68,7 @@ def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps
             hidden_states = args[0] if args else kwargs["hidden_states"]
             rotary_emb = kwargs.get("rotary_emb", args[3] if len(args) > 3 else None)
             layout = module.processor.layout
-            q, k, v = attention_inputs(module, hidden_states, rotary_emb)
+            q, k, v = (x.transpose(1, 2) for x in self_attention_qkv(module, hidden_states, rotary_emb))
             records.append(
                 RecordedAttention(
                     layer=layer,

@@ -121,16 +121,7 @@ class LIVEditorAttnProcessor:
         if layout is None:
             raise ValueError("LIVEditorAttnProcessor needs the model to set its in-context layout first")
 
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_rotary_embedding(query, *rotary_emb)
-            key = apply_rotary_embedding(key, *rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
 
         with self.timer.measure(query.device):
             if self.mode == "isa":
@@ -150,6 +141,21 @@ class LIVEditorAttnProcessor:
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, N, H, D]`` of a Wan self-attention module: projections, qk RMSNorm, RoPE."""
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = apply_rotary_embedding(query, *rotary_emb)
+        key = apply_rotary_embedding(key, *rotary_emb)
+    return query, key, value
 
 
 def _dense_attention(query, key, value, backend) -> torch.Tensor:

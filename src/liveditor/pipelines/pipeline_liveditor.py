@@ -43,6 +43,25 @@ def flow_unipc_scheduler(flow_shift: float = DEFAULT_FLOW_SHIFT) -> UniPCMultist
     )
 
 
+def encode_instructions(tokenizer, text_encoder, prompts: list[str], max_length: int, device=None) -> torch.Tensor:
+    """Instruction embeddings as LIVEditor uses them (at inference and in training): fixed-length
+    tokens through `text_encoder(...).last_hidden_state`, positions past the prompt zeroed (Wan's
+    convention). `device`: where the tokens go (default: the text encoder's)."""
+    device = next(text_encoder.parameters()).device if device is None else device
+    tokens = tokenizer(
+        [_clean_prompt(p) for p in prompts],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask.to(device)
+    hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
 @dataclass
 class LIVEditorPipelineOutput(BaseOutput):
     """frames: the edited video, batch first (np `[1, F, H, W, 3]` in [0, 1], a list of PIL lists,
@@ -227,20 +246,7 @@ class LIVEditorPipeline(DiffusionPipeline):
     # ----- text and latents --------------------------------------------------------------------
 
     def _encode_text(self, texts: list[str], device, dtype) -> torch.Tensor:
-        length = self.config.max_sequence_length
-        tokens = self.tokenizer(
-            [_clean_prompt(t) for t in texts],
-            padding="max_length",
-            max_length=length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(device)
-        hidden = self.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
-        # Wan zeroes everything after the prompt's own tokens.
-        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        hidden = encode_instructions(self.tokenizer, self.text_encoder, texts, self.config.max_sequence_length, device)
         return hidden.to(device=device, dtype=dtype)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None, do_cfg: bool, device, dtype):

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LIVEditorError
+from ..pipelines.pipeline_liveditor import encode_instructions
 from .config import TrainConfig
 from .ema import EMA
 from .flow import NUM_TRAIN_TIMESTEPS, flow_matching_loss, flow_matching_pair, sample_sigmas
@@ -104,26 +105,6 @@ def build_components(config: TrainConfig, latents_mean=None, latents_std=None):
         isa_config=dict(m.isa) or None,
     )
     return tokenizer, text_encoder, codec, transformer
-
-
-def encode_instructions(tokenizer, text_encoder, prompts: list[str], max_length: int) -> torch.Tensor:
-    """Instruction embeddings exactly as LIVEditorPipeline makes them: fixed-length tokens,
-    `last_hidden_state`, positions past the prompt zeroed (Wan's convention)."""
-    from ..pipelines.pipeline_liveditor import _clean_prompt
-
-    device = next(text_encoder.parameters()).device
-    tokens = tokenizer(
-        [_clean_prompt(p) for p in prompts],
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    mask = tokens.attention_mask.to(device)
-    hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
-    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,22 +63,50 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
     return logits, probs, kept, selected, exact_query, exact_key
 
 
-def _attend_chunk(q_chunk, keys, values, pooled_keys, pooled_values, token_allowed, pooled_bias, scale):
-    """Softmax attention of query blocks over [kept tokens | pooled keys] with block-level masks.
+def _softmax_attend(logits, values, pooled_logits=None, pooled_values=None):
+    """Softmax over [token logits | pooled logits] (fp32), then the weighted sum of values."""
+    if pooled_logits is not None:
+        logits = torch.cat([logits, pooled_logits], dim=-1)
+    probs = torch.softmax(logits, dim=-1).to(values.dtype)
+    n_tokens = values.shape[-2]
+    out = probs[..., :n_tokens] @ values
+    if pooled_logits is not None:
+        out = out + probs[..., n_tokens:] @ pooled_values
+    return out
 
-    q_chunk [B,H,c,b,D]; keys/values [B,H,T,D]; pooled_keys/values [B,H,n_kv,D];
-    token_allowed [B,H,c,T] bool; pooled_bias [B,H,c,n_kv] float (-inf where not used).
-    """
+
+def _exact_chunk(q_chunk, keys, values, key_valid, scale):
+    """Exact group: query blocks [B,H,c,b,D] over all kept tokens [B,H,T,D] (valid [B,H,T])."""
+    B, H, c, b, D = q_chunk.shape
+    queries = q_chunk.reshape(B, H, c * b, D)
+    logits = (queries @ keys.transpose(-1, -2)).to(decision_dtype(q_chunk.dtype)) * scale
+    logits = logits.masked_fill(~key_valid[:, :, None, :], float("-inf"))
+    return _softmax_attend(logits, values).reshape(B, H, c, b, D)
+
+
+def _taylor_chunk(q_chunk, keys, values, key_valid, pooled_keys, pooled_values, pooled_bias, scale):
+    """Taylor group: each query block over its own exact tokens [B,H,c,T,D] (valid [B,H,c,T]) plus
+    the pooled keys [B,H,n_kv,D] of the other kept blocks (pooled_bias [B,H,c,n_kv], -inf for the
+    exact ones): exact attention over the augmented key set."""
     softmax_dtype = decision_dtype(q_chunk.dtype)
-    token_logits = torch.einsum("bhcqd,bhtd->bhcqt", q_chunk, keys).to(softmax_dtype) * scale
-    token_logits = token_logits.masked_fill(~token_allowed[:, :, :, None, :], float("-inf"))
+    logits = (q_chunk @ keys.transpose(-1, -2)).to(softmax_dtype) * scale
+    logits = logits.masked_fill(~key_valid[:, :, :, None, :], float("-inf"))
     pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys).to(softmax_dtype) * scale
     pooled_logits = pooled_logits + pooled_bias[:, :, :, None, :]
-    probs = torch.softmax(torch.cat([token_logits, pooled_logits], dim=-1), dim=-1).to(values.dtype)
-    n_tokens = keys.shape[2]
-    return torch.einsum("bhcqt,bhtd->bhcqd", probs[..., :n_tokens], values) + torch.einsum(
-        "bhcqk,bhkd->bhcqd", probs[..., n_tokens:], pooled_values
-    )
+    return _softmax_attend(logits, values, pooled_logits, pooled_values[:, :, None])
+
+
+def _in_chunks(fn, n: int, per_item: int, use_checkpoint: bool, *args):
+    """Run fn(start, stop, *args) over [0, n) in chunks of at most _CHUNK_ELEMENTS elements."""
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // max(per_item, 1)))
+    outputs = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        if use_checkpoint and chunk < n:
+            outputs.append(checkpoint(fn, start, stop, *args, use_reentrant=False))
+        else:
+            outputs.append(fn(start, stop, *args))
+    return torch.cat(outputs, dim=2)
 
 
 def _flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_gate) -> float:
@@ -117,28 +145,45 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     pooled_keys = kc.gather(2, kept_index).to(q.dtype)
     pooled_values = vc.gather(2, kept_index).to(v.dtype)
 
-    # Per query block: which kept tokens it sees exactly, and which pooled keys it uses.
-    token_block_allowed = exact_query[..., None] | exact_key  # [B, H, nb, n_kv]
-    pooled_bias = torch.where(
-        token_block_allowed, torch.tensor(float("-inf"), device=q.device), kept_length.log()[:, :, None, :]
-    )
-
+    # Route: query blocks ordered [Taylor group | exact group] (same sizes for every head).
+    order = torch.argsort(exact_query.to(torch.int8), dim=-1, stable=True)  # [B, H, nb]
+    n_taylor = nb - counts.num_full
     q_blocks = q[:, :, layout.token_index]  # [B, H, nb, b, D]
-    per_block = H * B * b * (n_kv * b + n_kv)
-    chunk = max(1, min(nb, _CHUNK_ELEMENTS // max(per_block, 1)))
-    use_checkpoint = torch.is_grad_enabled() and chunk < nb and any(t.requires_grad for t in (q, k, v))
-    outputs = []
-    for start in range(0, nb, chunk):
-        stop = min(nb, start + chunk)
-        token_allowed = token_block_allowed[:, :, start:stop, :, None].expand(-1, -1, -1, -1, b).flatten(3)
-        token_allowed = token_allowed & key_valid[:, :, None, :]
-        args = (q_blocks[:, :, start:stop], keys, values, pooled_keys, pooled_values, token_allowed,
-                pooled_bias[:, :, start:stop], scale)
-        if use_checkpoint:
-            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False))
-        else:
-            outputs.append(_attend_chunk(*args))
-    out = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, layout.token_slot]  # [B, H, N, D]
+    routed = q_blocks.gather(2, order[..., None, None].expand(B, H, nb, b, D))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+    def exact_group(start, stop, q_exact):
+        return _exact_chunk(q_exact[:, :, start:stop], keys, values, key_valid, scale)
+
+    out_exact = _in_chunks(exact_group, counts.num_full, H * B * b * n_kv * b, grad, routed[:, :, n_taylor:])
+
+    if n_taylor:
+        taylor_blocks = order[..., :n_taylor]  # [B, H, n_t]
+        exact_choice = exact_key.gather(2, taylor_blocks[..., None].expand(B, H, n_taylor, n_kv))
+        # The exact key blocks of each Taylor query block, as positions in the kept set.
+        exact_pos = exact_choice.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., : counts.num_exact]
+        pooled_bias = torch.where(exact_choice, float("-inf"), kept_length.log()[:, :, None, :])
+        kept_slots_valid = layout.slot_valid[kept]  # [B, H, n_kv, b]
+
+        def taylor_group(start, stop, q_taylor):
+            pos = exact_pos[:, :, start:stop]  # [B, H, c, n_exact]
+            c = stop - start
+            slots = kept_slots.gather(2, pos.flatten(2)[..., None].expand(B, H, c * counts.num_exact, b))
+            index = slots.reshape(B, H, -1)[..., None].expand(B, H, c * counts.num_exact * b, D)
+            chunk_keys = k.gather(2, index).reshape(B, H, c, -1, D)
+            chunk_values = v.gather(2, index).reshape(B, H, c, -1, D)
+            valid = kept_slots_valid.gather(2, pos.flatten(2)[..., None].expand(B, H, c * counts.num_exact, b))
+            return _taylor_chunk(q_taylor[:, :, start:stop], chunk_keys, chunk_values, valid.reshape(B, H, c, -1),
+                                 pooled_keys, pooled_values, pooled_bias[:, :, start:stop], scale)
+
+        per_block = H * B * b * (counts.num_exact * b * (1 + 2 * D // b) + n_kv)
+        out_taylor = _in_chunks(taylor_group, n_taylor, per_block, grad, routed[:, :, :n_taylor])
+        out_routed = torch.cat([out_taylor, out_exact], dim=2)
+    else:
+        out_routed = out_exact
+    inverse = torch.argsort(order, dim=-1)
+    out_blocks = out_routed.gather(2, inverse[..., None, None].expand(B, H, nb, b, D))
+    out = out_blocks.flatten(2, 3)[:, :, layout.token_slot]  # [B, H, N, D]
 
     if gate is not None:
         coarse_out = (probs @ vc)[:, :, layout.token_block]  # [B, H, N, D]

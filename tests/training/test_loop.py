@@ -151,15 +151,18 @@ def test_sampler_resumes_exactly_and_splits_processes():
         ResumableRandomSampler(1, seed=0, num_replicas=2)
 
 
-def test_uint8_and_float_batches_give_the_same_model_input():
+def test_model_input_from_uint8_batches():
     from liveditor.data.shapes import generate_example
     from liveditor.data.shards import example_to_tensors
 
     example = generate_example(4, "train")
-    uint8 = video_batch_to_model(torch.from_numpy(example.source)[None], "cpu")
-    floats = video_batch_to_model(example_to_tensors(example)["source"][None], "cpu")
-    torch.testing.assert_close(uint8, floats)
-    assert uint8.shape == (1, 3, 16, 64, 64)
+    batch = example_to_tensors(example)["source"][None]
+    model_input = video_batch_to_model(batch, "cpu")
+    assert model_input.shape == (1, 3, 16, 64, 64)
+    expected = torch.from_numpy(example.source).permute(3, 0, 1, 2)[None].double() / 127.5 - 1
+    torch.testing.assert_close(model_input.double(), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        video_batch_to_model(model_input, "cpu")
 
 
 def test_gradient_checkpointing_gives_the_plain_step_and_accumulation_runs(tmp_path):

@@ -79,8 +79,8 @@ def read_video(path, max_frames: int | None = None) -> Video:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     ffmpeg = _ffmpeg()
     frames = []
+    reader = ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
-        reader = ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
         width, height = meta["size"]
         fps = float(meta.get("fps") or 0.0)
@@ -88,10 +88,11 @@ def read_video(path, max_frames: int | None = None) -> Video:
             frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
             if max_frames is not None and len(frames) >= max_frames:
                 break
-        reader.close()
     except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise LIVEditorError(f"cannot decode {path} as a video (no readable video frames): {reason}") from exc
+    finally:
+        reader.close()  # stops the ffmpeg process on every path, errors included
     if not frames:
         raise LIVEditorError(f"input video {path} has no frames")
     if not fps > 0:

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import LIVEditorError
 from ..pipelines.pipeline_liveditor import encode_instructions
@@ -144,34 +144,12 @@ class ResumableRandomSampler(Sampler):
         return 2**62
 
 
-class ProceduralClips(Dataset):
-    """ShapeEdit training clips generated on the fly, as uint8 `[F, H, W, 3]` tensors (4x less to
-    move than float; `video_batch_to_model` converts on the device)."""
-
-    def __init__(self, length: int, start_seed: int, shape_config):
-        self.length, self.start_seed, self.shape_config = length, start_seed, shape_config
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        from ..data.shapes import generate_example
-
-        example = generate_example(self.start_seed + index, "train", config=self.shape_config)
-        return {
-            "source": torch.from_numpy(example.source),
-            "target": torch.from_numpy(example.target),
-            "instruction": example.instruction,
-        }
-
-
 def video_batch_to_model(videos: torch.Tensor, device) -> torch.Tensor:
-    """A batch of clips as the codec's input `[B, 3, F, H, W]` in [-1, 1]: uint8 `[B, F, H, W, 3]`
-    (procedural clips) or float `[B, 3, F, H, W]` already in [-1, 1] (shard reader)."""
+    """A batch of uint8 clips `[B, F, H, W, 3]` as the codec's input `[B, 3, F, H, W]` in [-1, 1]."""
+    if videos.dtype != torch.uint8 or videos.dim() != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips [B, F, H, W, 3], got {videos.dtype} {tuple(videos.shape)}")
     videos = videos.to(device, non_blocking=True)
-    if videos.dtype == torch.uint8:
-        return videos.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
-    return videos.float()
+    return videos.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
 def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memory: bool) -> Iterator[dict]:
@@ -188,7 +166,9 @@ def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memo
         generator=torch.Generator().manual_seed(config.train.seed * 1009 + rank),
     )
     if data.source == "procedural":
-        dataset = ProceduralClips(data.num_examples, data.start_seed, _shapeedit_config(config))
+        from ..data.shards import ShapeEditDataset
+
+        dataset = ShapeEditDataset(data.num_examples, "train", data.start_seed, _shapeedit_config(config))
         sampler = ResumableRandomSampler(len(dataset), config.train.seed, rank, world, consumed)
         yield from DataLoader(dataset, sampler=sampler, **common)
         return
@@ -232,7 +212,7 @@ def estimate_latent_statistics(config: TrainConfig) -> tuple[list[float], list[f
     codec = SpaceToDepthVideoCodec(
         scale_factor_spatial=config.codec.scale_factor_spatial, scale_factor_temporal=config.codec.scale_factor_temporal
     )
-    return channel_statistics(torch.stack(videos), codec)
+    return channel_statistics(video_batch_to_model(torch.stack(videos), "cpu"), codec)
 
 
 # ---------------------------------------------------------------------------------------------

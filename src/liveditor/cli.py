@@ -215,19 +215,16 @@ def _add_eval(subparsers) -> None:
     b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
 
     def handler(args):
-        import torch
-
-        from .data.shapes import FAMILIES, ShapeEditConfig
         from .atomic import write_json
+        from .data.shapes import FAMILIES, ShapeEditConfig
         from .eval.shapeedit import evaluate_shapeedit, format_summary, pipeline_edit_fn
-        from .pipelines.loading import load_pipeline
+        from .pipelines.loading import load_pipeline, resolve_device
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         pipe = load_pipeline(args.model, device=device)
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole benchmark
         height, width = pipe.resolution_buckets[0]
-        steps = pipe.config.default_num_inference_steps if args.steps is None else args.steps
-        guidance = pipe.config.default_guidance_scale if args.guidance is None else args.guidance
+        steps, guidance = pipe.sampling_settings(args.steps, args.guidance)
         result = evaluate_shapeedit(
             pipeline_edit_fn(pipe, steps, guidance, args.seed),
             per_family=args.per_family,
@@ -235,7 +232,7 @@ def _add_eval(subparsers) -> None:
             families=args.families or FAMILIES,
             config=ShapeEditConfig(height=height, width=width),
         )
-        result["settings"].update(model=str(args.model or "bundled tiny model"), device=device, steps=steps,
+        result["settings"].update(model=str(args.model or "bundled tiny model"), device=str(device), steps=steps,
                                   guidance=guidance, seed=args.seed)
         print(format_summary(result))
         if args.json_path:
@@ -275,17 +272,16 @@ def _add_record_activations(subparsers) -> None:
 
         if args.clips < 1:
             raise ValueError(f"--clips must be at least 1, got {args.clips}")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(args.model, device=device)
+        pipe = load_pipeline(args.model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
-        steps = pipe.config.default_num_inference_steps if args.steps is None else args.steps
+        steps, guidance = pipe.sampling_settings(args.steps, args.guidance)
         if steps < 1:
             raise ValueError(f"--steps must be at least 1, got {steps}")
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
         at_steps = args.at_steps if args.at_steps is not None else sorted({0, steps // 2, steps - 1})
         height, width = pipe.resolution_buckets[0]
-        options = {"num_inference_steps": steps, "guidance_scale": args.guidance, "height": height, "width": width,
+        options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                    "output_type": "latent", "seed": 0}
         records = []
         for seed in range(args.clips):

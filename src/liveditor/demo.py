@@ -85,13 +85,11 @@ def run_demo(
 
     ``steps``/``guidance`` default to the model folder's sampling defaults.
     """
-    import torch
-
-    from .data.video_io import check_writable_video_path, write_video
     from .atomic import atomic_output
+    from .data.video_io import check_writable_video_path, write_video
     from .eval.metrics import edit_success, psnr, ssim
     from .eval.shapeedit import to_uint8_video
-    from .pipelines.loading import check_pipeline_folder, default_model_path, load_pipeline
+    from .pipelines.loading import check_pipeline_folder, load_pipeline, resolve_device
 
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
@@ -109,14 +107,11 @@ def run_demo(
         check_writable_video_path(out_dir / name, overwrite)
     if (out_dir / "demo.json").exists() and not overwrite:
         raise LIVEditorError(f"{out_dir / 'demo.json'} already exists; choose another folder or allow overwriting")
-    model = default_model_path() if model is None else Path(model)
-    if not model.exists() and model == default_model_path():
-        raise LIVEditorError(f"the bundled tiny model is missing at {model}; pass --model <pipeline folder>")
-    check_pipeline_folder(model)
+    model = check_pipeline_folder(model)
 
     if seed is None:
         seed = random.SystemRandom().randrange(1_000_000)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     pipe = load_pipeline(model, device=device)
     if attention is not None:
         pipe.transformer.set_attention_mode(attention)
@@ -125,8 +120,7 @@ def run_demo(
     # Held-out split: the clip was never seen in training.
     example = generate_example(seed, "test", family, config)
 
-    steps = pipe.config.default_num_inference_steps if steps is None else steps
-    guidance = pipe.config.default_guidance_scale if guidance is None else guidance
+    steps, guidance = pipe.sampling_settings(steps, guidance)
     start = time.perf_counter()
     result = pipe(example.source, example.instruction, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, output_type="np")

@@ -365,8 +365,8 @@ def example_to_tensors(example: ShapeEditExample) -> dict:
     between loader workers than float; `liveditor.training.video_batch_to_model` converts a batch
     on the device)."""
     return {
-        "source": torch.from_numpy(np.ascontiguousarray(example.source)),
-        "target": torch.from_numpy(np.ascontiguousarray(example.target)),
+        "source": torch.from_numpy(np.require(example.source, requirements=("C", "W"))),
+        "target": torch.from_numpy(np.require(example.target, requirements=("C", "W"))),
         "instruction": example.instruction,
         "family": example.family,
     }

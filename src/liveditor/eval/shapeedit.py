@@ -32,12 +32,8 @@ def to_uint8_video(frames) -> np.ndarray:
 
 
 def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> EditFn:
-    """Adapt a LIVEditorPipeline to the benchmark: one clip, the given attention mode, fixed seed."""
-    options = {}
-    if num_inference_steps is not None:
-        options["num_inference_steps"] = num_inference_steps
-    if guidance_scale is not None:
-        options["guidance_scale"] = guidance_scale
+    """Adapt a LIVEditorPipeline to the benchmark: one clip, the given attention mode, fixed seed
+    (steps and guidance: None takes the pipeline folder's defaults)."""
 
     def edit(source: np.ndarray, instruction: str, attention: str) -> np.ndarray:
         _, H, W, _ = source.shape
@@ -49,7 +45,8 @@ def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scal
             seed=seed,
             output_type="np",
             attention_kwargs={"mode": attention},
-            **options,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
         ).frames[0]
         return to_uint8_video(out)
 

@@ -55,7 +55,7 @@ def run_edit(
 ) -> EditReport:
     """Edit a video file and write the result; every bad input fails before any work is done."""
     from ..data.video_io import check_writable_video_path, read_video, write_video
-    from .loading import check_pipeline_folder, default_model_path, load_pipeline
+    from .loading import check_pipeline_folder, load_pipeline, resolve_device
 
     if not instruction or not instruction.strip():
         raise LIVEditorError("the edit instruction is empty")
@@ -66,19 +66,16 @@ def run_edit(
     output_path = check_writable_video_path(output_path, overwrite)
     if Path(input_path).resolve() == output_path.resolve():
         raise LIVEditorError("the output path is the input video; choose another output")
-    if model is None:
-        model = default_model_path()
-        if not model.exists():
-            raise LIVEditorError(f"the bundled tiny model is missing at {model}; pass --model <pipeline folder>")
+    bundled = model is None
+    model = check_pipeline_folder(model)
+    if bundled:
         from ..data.shapes import check_instruction
 
         domain = check_instruction(instruction)
         if not domain.in_domain:
             warnings.warn(f"bundled tiny model: {domain.message}", stacklevel=2)
-    check_pipeline_folder(model)
     clip = read_video(input_path)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
 
     start = time.perf_counter()
     pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=offload)
@@ -101,7 +98,7 @@ def run_edit(
         seed=seed,
         output_type="np",
     )
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     edit_seconds = time.perf_counter() - start
     timer.enabled = False

@@ -22,8 +22,20 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-liveditor"
 
 
-def check_pipeline_folder(path) -> Path:
-    """Raise a one-line LIVEditorError unless `path` is a complete LIVEditor pipeline folder."""
+def resolve_device(device=None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def check_pipeline_folder(path=None) -> Path:
+    """Raise a one-line LIVEditorError unless `path` (default: the bundled tiny model) is a
+    complete LIVEditor pipeline folder."""
+    if path is None:
+        path = default_model_path()
+        if not path.exists():
+            raise LIVEditorError(f"the bundled tiny model is missing at {path}; pass --model <pipeline folder>")
     path = Path(path)
     if not path.exists():
         raise LIVEditorError(f"model folder {path} does not exist")
@@ -68,7 +80,7 @@ def _import_own_component_modules(path: Path) -> None:
 
 def load_pipeline(
     path=None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     offload: bool = False,
     vae_tiling: bool = False,
@@ -77,7 +89,7 @@ def load_pipeline(
 
     Args:
         path: pipeline folder (default: the bundled tiny model, `default_model_path()`).
-        device: where to run ("cpu", "cuda", "cuda:1").
+        device: where to run ("cpu", "cuda", "cuda:1"; default: CUDA when available).
         dtype: transformer and text-encoder dtype; default bfloat16 on CUDA, float32 elsewhere.
             The VAE always stays float32.
         offload: diffusers' model CPU offload (each component moves to the GPU only while it runs).
@@ -85,8 +97,8 @@ def load_pipeline(
     """
     from .pipeline_liveditor import LIVEditorPipeline
 
-    path = check_pipeline_folder(default_model_path() if path is None else path)
-    device = torch.device(device)
+    path = check_pipeline_folder(path)
+    device = resolve_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LIVEditorError(f"device {device} was asked for but CUDA is not available")
     if offload and device.type != "cuda":

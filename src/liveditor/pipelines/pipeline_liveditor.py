@@ -278,6 +278,14 @@ class LIVEditorPipeline(DiffusionPipeline):
             z = z * stats[1] + stats[0]
         return self.vae.decode(z).sample
 
+    def sampling_settings(self, num_inference_steps: int | None = None, guidance_scale: float | None = None):
+        """(steps, guidance) with None replaced by this folder's sampling defaults."""
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
+        return num_inference_steps, guidance_scale
+
     # ----- call --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -321,10 +329,7 @@ class LIVEditorPipeline(DiffusionPipeline):
             raise LIVEditorError("the edit instruction is empty")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError("negative_prompt must be a string")
-        if num_inference_steps is None:
-            num_inference_steps = self.config.default_num_inference_steps
-        if guidance_scale is None:
-            guidance_scale = self.config.default_guidance_scale
+        num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         if output_type not in ("np", "pil", "pt", "latent"):

@@ -547,11 +547,3 @@ def generate_example(
         edit_mask=edit_mask,
         metadata=metadata,
     )
-
-
-def heldout_seeds(per_family: int) -> list[tuple[int, str]]:
-    """(seed, family) pairs of the ShapeEdit benchmark: ``per_family`` clips of every family
-    from the ``test`` split, seeds 0..per_family-1."""
-    if isinstance(per_family, bool) or not isinstance(per_family, int) or per_family < 1:
-        raise ValueError(f"per_family must be a positive int, got {per_family!r}")
-    return [(seed, family) for family in FAMILIES for seed in range(per_family)]

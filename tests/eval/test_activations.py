@@ -5,7 +5,7 @@ import torch
 
 from liveditor.data.shapes import ShapeEditConfig, generate_example
 from liveditor.eval.activations import activation_fidelity, record_attention
-from liveditor.isa import ISAConfig, dense_attention
+from liveditor.isa import ISAConfig, coarse_residual, dense_attention
 
 CONFIG = ShapeEditConfig(frames=8, height=32, width=32)
 
@@ -26,7 +26,11 @@ def test_recorded_qkv_reproduce_the_layer(shapeedit_pipeline):
     for record, step in zip(records, (0, 2)):
         assert record.q.shape == (1, 2, 2 * 8 * 2 * 2, 16) and record.num_source == 32 and record.grid == (8, 2, 2)
         with torch.no_grad():
-            out = dense_attention(record.q, record.k, record.v).transpose(1, 2).flatten(2)
+            # Dense mode: exact attention plus the layer's gated coarse residual.
+            out = dense_attention(record.q, record.k, record.v)
+            out = out + coarse_residual(record.q, record.k, record.v, record.num_source, record.gate,
+                                        pipe.transformer.isa_config)
+            out = out.transpose(1, 2).flatten(2)
             out = attn.to_out[1](attn.to_out[0](out))
         torch.testing.assert_close(out, outputs[step], rtol=1e-4, atol=1e-5)
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from liveditor.isa import ISAConfig
-from liveditor.models import LIVEditorAttnProcessor, LIVEditorTransformer3DModel
+from liveditor.isa import ISAInfo, dense_attention
+from liveditor.models import AttentionEvent, LIVEditorAttnProcessor, LIVEditorTransformer3DModel
 
 ALL_ONES = ISAConfig(block_size=8, select_ratio=1.0, full_ratio=1.0, exact_ratio=1.0)
 
@@ -46,14 +47,52 @@ def test_isa_with_all_ratios_one_and_closed_gate_equals_dense():
 
 
 @torch.no_grad()
-def test_open_gate_adds_the_coarse_residual_only_in_isa_mode():
+def test_dense_mode_keeps_the_gated_coarse_residual():
+    """Dense mode is the trained function without sparsity: exact attention plus the gated residual,
+    so it equals ISA with every ratio at 1 when the gate is open, and differs from bare attention."""
     model = _model()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn1.coarse_gate.weight, std=2.0)  # a clearly open gate
     x, t, text, ctx = _inputs()
     model.set_attention_mode("isa", ALL_ONES)
     isa = model(x, t, text, ctx).sample
     dense = model(x, t, text, ctx, attention_kwargs={"mode": "dense"}).sample
-    assert (isa - dense).abs().max() > 1e-4
+    torch.testing.assert_close(dense, isa, atol=2e-5, rtol=1e-5)
     assert model.attention_mode == "isa"  # a per-call override does not stick
+
+    events = []
+    model(x, t, text, ctx, attention_kwargs={"mode": "dense", "callback": events.append})
+    event = events[0]
+    bare = dense_attention(event.query, event.key, event.value)
+    closed = _model()
+    closed.load_state_dict(model.state_dict())
+    for block in closed.blocks:
+        torch.nn.init.zeros_(block.attn1.coarse_gate.weight)
+    closed_events = []
+    closed(x, t, text, ctx, attention_kwargs={"mode": "dense", "callback": closed_events.append})
+    assert (closed(x, t, text, ctx, attention_kwargs={"mode": "dense"}).sample - dense).abs().max() > 1e-4
+    torch.testing.assert_close(closed_events[0].query, event.query)
+    assert bare.shape == event.query.shape
+
+
+@torch.no_grad()
+def test_attention_callback_sees_every_layer_and_the_isa_decisions():
+    model = _model()
+    x, t, text, ctx = _inputs(frames=4, height=8, width=16)
+    config = ISAConfig(block_size=8, select_ratio=0.25, full_ratio=0.5, exact_ratio=0.25)
+    events: list[AttentionEvent] = []
+    model(x, t, text, ctx, attention_kwargs={"isa_config": config, "callback": events.append})
+    assert [e.layer for e in events] == list(range(model.config.num_layers))
+    n = 4 * 4 * 8
+    for event in events:
+        assert isinstance(event.info, ISAInfo) and event.mode == "isa"
+        assert event.num_source == n and event.grid == (4, 4, 8)
+        assert event.query.shape == (1, model.config.num_attention_heads, 2 * n, model.config.attention_head_dim)
+        assert event.info.selected_context_blocks.shape[-1] == 4  # ceil(0.25 * 16 context blocks)
+        assert 0 < event.info.flop_fraction < 1
+    events.clear()
+    model(x, t, text, ctx, attention_kwargs={"mode": "dense", "callback": events.append})
+    assert len(events) == model.config.num_layers and all(e.info is None for e in events)
 
 
 @torch.no_grad()
@@ -74,11 +113,12 @@ def test_context_restarts_rope_positions_on_the_same_grid():
     captured = []
 
     class Spy(LIVEditorAttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-            captured.append((rotary_emb, self.layout))
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                     call=None, layer=-1):
+            captured.append((rotary_emb, call))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, call, layer)
 
-    model.blocks[0].attn1.set_processor(Spy("isa", model.isa_config, model.attention_timer))
+    model.blocks[0].attn1.set_processor(Spy())
     x, t, text, ctx = _inputs(frames=3, height=6, width=10)
     model(x, t, text, ctx)
     (cos, sin), layout = captured[0]
@@ -133,6 +173,34 @@ def test_gradients_flow_with_gradient_checkpointing():
     model(x, t, text, ctx).sample.square().mean().backward()
     assert model.context_embedding.weight.grad is not None
     assert model.blocks[0].attn1.coarse_gate.weight.grad.abs().sum() > 0
+
+
+def _gradients(model, calls) -> dict[str, torch.Tensor]:
+    """Gradients of the sum of several forwards' losses, taken with one backward."""
+    model.zero_grad()
+    loss = sum(model(*inputs, attention_kwargs=kwargs).sample.square().mean() for inputs, kwargs in calls)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradient_checkpointing_recomputes_each_forward_with_its_own_layout(seed):
+    """Two forwards of the same token count on different grids in tile order, one of them in dense
+    mode for that call only, then one backward: checkpointed gradients equal plain ones."""
+    tile = ISAConfig(block_size=8, select_ratio=0.5, full_ratio=0.5, exact_ratio=0.5, token_order="tile", tile=(1, 2, 2))
+    model = _model(seed).train()
+    model.set_attention_mode("isa", tile)
+    calls = [
+        (_inputs(seed=seed + 10, frames=2, height=8, width=12), None),  # grid (2, 4, 6)
+        (_inputs(seed=seed + 20, frames=3, height=8, width=8), None),  # grid (3, 4, 4): same 48 tokens
+        (_inputs(seed=seed + 30, frames=2, height=4, width=8), {"mode": "dense"}),  # other token count
+    ]
+    plain = _gradients(model, calls)
+    model.enable_gradient_checkpointing()
+    checkpointed = _gradients(model, calls)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=f"seed {seed}: {name}")
 
 
 def test_bad_inputs_raise_clear_errors():

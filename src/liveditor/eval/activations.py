@@ -1,9 +1,9 @@
 """ISA fidelity on real activations: record the q/k/v that a trained LIVEditor's self-attention
 layers see while editing, and run the ISA-vs-dense fidelity report on them.
 
-Recording hooks the self-attention module (``block.attn1``) of chosen layers and recomputes its
-attention inputs exactly as ``LIVEditorAttnProcessor`` does (projections, qk-norm, RoPE), on the
-conditional branch of chosen denoising steps. The layer then runs unchanged.
+Recording goes through the transformer's per-call attention callback (``attention_kwargs=
+{"callback": ...}``), which hands over the q/k/v each self-attention layer attends with, on the
+conditional branch of chosen denoising steps.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ..isa.report import fidelity_table, report_configs
-from ..models.attention_processor import self_attention_qkv
+from ..models import AttentionEvent
 
 
 @dataclass
 class RecordedAttention:
-    """The inputs of one self-attention call: q, k, v ``[B, H, N, D]`` (float32, CPU)."""
+    """The inputs of one self-attention call: q, k, v ``[B, H, N, D]`` and the coarse-residual gate
+    ``[B, N]`` (float32, CPU)."""
 
     layer: int
     step: int
@@ -28,6 +29,7 @@ class RecordedAttention:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    gate: torch.Tensor
     num_source: int
     grid: tuple[int, int, int]
 
@@ -61,36 +63,29 @@ def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps
         else:
             state["recording"] = False
 
-    def make_hook(layer):
-        def on_attention(module, args, kwargs):
-            if not state["recording"]:
-                return
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            rotary_emb = kwargs.get("rotary_emb", args[3] if len(args) > 3 else None)
-            layout = module.processor.layout
-            q, k, v = (x.transpose(1, 2) for x in self_attention_qkv(module, hidden_states, rotary_emb))
-            records.append(
-                RecordedAttention(
-                    layer=layer,
-                    step=state["step"],
-                    timestep=state["timestep"],
-                    q=q.detach().float().cpu(),
-                    k=k.detach().float().cpu(),
-                    v=v.detach().float().cpu(),
-                    num_source=layout.num_source,
-                    grid=tuple(layout.grid),
-                )
+    def on_attention(event: AttentionEvent) -> None:
+        if not state["recording"] or event.layer not in layers:
+            return
+        records.append(
+            RecordedAttention(
+                layer=event.layer,
+                step=state["step"],
+                timestep=state["timestep"],
+                q=event.query.detach().float().cpu(),
+                k=event.key.detach().float().cpu(),
+                v=event.value.detach().float().cpu(),
+                gate=event.gate.detach().float().cpu(),
+                num_source=event.num_source,
+                grid=tuple(event.grid),
             )
+        )
 
-        return on_attention
-
-    handles = [transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)]
-    handles += [transformer.blocks[i].attn1.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in layers]
+    attention_kwargs = {**(call_kwargs.pop("attention_kwargs", None) or {}), "callback": on_attention}
+    handle = transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)
     try:
-        pipe(video, instruction, **call_kwargs)
+        pipe(video, instruction, attention_kwargs=attention_kwargs, **call_kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     return records
 
 

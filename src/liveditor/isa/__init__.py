@@ -4,7 +4,7 @@
     out = isa_attention(q, k, v, num_source=L_src, config=ISAConfig())
 """
 
-from .api import dense_attention, isa_attention
+from .api import coarse_residual, dense_attention, isa_attention
 from .config import ISAConfig, ISAInfo
 
-__all__ = ["ISAConfig", "ISAInfo", "dense_attention", "isa_attention"]
+__all__ = ["ISAConfig", "ISAInfo", "coarse_residual", "dense_attention", "isa_attention"]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from .config import ISAConfig
 from .dispatch import resolve_backend
-from .layout import sequence_tile_permutation
+from .layout import block_layout, sequence_tile_permutation
+from .reference import pool_blocks
 
 MAX_HEAD_DIM = 256
 
@@ -91,11 +92,8 @@ def isa_attention(
     elif not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
 
-    order = None
-    if config.token_order == "tile":
-        if grid is None:
-            raise ValueError('token_order="tile" needs grid=(frames, rows, cols) of the source')
-        order = sequence_tile_permutation(num_source, N - num_source, tuple(grid), config.tile, q.device)
+    order = _token_order(config, num_source, N, grid, q.device)
+    if order is not None:
         q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]
         if gate is not None:
             gate = gate[:, order]
@@ -107,6 +105,53 @@ def isa_attention(
     out, info = result if return_info else (result, None)
     out = out[:, :, torch.argsort(order)]
     return (out, info) if return_info else out
+
+
+def _token_order(config: ISAConfig, num_source: int, n_tokens: int, grid, device) -> torch.Tensor | None:
+    """Permutation into tile order, or None for raster order."""
+    if config.token_order != "tile":
+        return None
+    if grid is None:
+        raise ValueError('token_order="tile" needs grid=(frames, rows, cols) of the source')
+    return sequence_tile_permutation(num_source, n_tokens - num_source, tuple(grid), config.tile, device)
+
+
+def coarse_residual(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_source: int,
+    gate: torch.Tensor,
+    config: ISAConfig | None = None,
+    *,
+    scale: float | None = None,
+    grid: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """ISA's gated coarse residual alone: `gate * broadcast(P @ Vc)`, `[B, H, N, D]` in q's dtype.
+
+    P is the coarse map over pooled blocks, with ISA's blocking (`config.block_size`, source and
+    context padded separately, `config.token_order`); the ratios play no part. A model trained with
+    ISA's residual always on (LIVEditor) computes "full attention" as `dense_attention + this`.
+    """
+    config = ISAConfig() if config is None else config
+    if not isinstance(config, ISAConfig):
+        raise ValueError(f"config must be an ISAConfig, got {type(config).__name__}")
+    _check_qkv(q, k, v)
+    B, _, N, _ = q.shape
+    if isinstance(num_source, bool) or not isinstance(num_source, int) or not 1 <= num_source <= N:
+        raise ValueError(f"num_source must be an int in [1, N={N}], got {num_source!r}")
+    gate = _check_gate(gate, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    order = _token_order(config, num_source, N, grid, q.device)
+    if order is not None:
+        q, k, v, gate = q[:, :, order], k[:, :, order], v[:, :, order], gate[:, order]
+    layout = block_layout(num_source, N - num_source, config.block_size, q.device)
+    qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+    probs = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)
+    residual = (probs @ vc)[:, :, layout.token_block] * gate.reshape(B, 1, N, 1).to(probs.dtype)
+    if order is not None:
+        residual = residual[:, :, torch.argsort(order)]
+    return residual.to(q.dtype)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

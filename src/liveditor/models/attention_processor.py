@@ -9,26 +9,65 @@ gate) or dense softmax attention through diffusers' attention dispatcher.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..isa import ISAConfig, isa_attention
+from ..isa import ISAConfig, ISAInfo, coarse_residual, isa_attention
 
 ATTENTION_MODES = ("isa", "dense")
 
 
 @dataclass(frozen=True)
-class InContextLayout:
-    """What one forward pass tells every self-attention layer about its sequence.
+class AttentionEvent:
+    """What one self-attention call saw and decided, handed to `SelfAttentionCall.callback`.
+
+    query, key, value: `[B, H, N, D]` as attention received them (after projections, qk-norm and
+    RoPE); gate: the coarse-residual gate `[B, N]`; `info`: the ISAInfo of the call in "isa" mode,
+    None in "dense" mode.
+    """
+
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    gate: torch.Tensor
+    num_source: int
+    grid: tuple[int, int, int]
+    mode: str
+    info: ISAInfo | None
+
+
+@dataclass(frozen=True)
+class SelfAttentionCall:
+    """Everything one self-attention call needs; the model builds it for each forward pass and it
+    travels with the call, so processors hold no state and gradient checkpointing recomputes a block
+    with exactly the call of its forward.
 
     num_source: tokens of the noisy source segment (first in the sequence); the rest is context.
     grid: (frames, rows, cols) of one segment in tokens; source and context share it.
+    mode: "isa" or "dense" (exact attention plus the same gated coarse residual).
+    isa_config: ISA's knobs; in "dense" mode only block_size and token_order (the residual's blocks).
+    callback: optional, called once per layer with an AttentionEvent (ISA decisions, q/k/v).
+    timer: optional AttentionTimer that accumulates time spent in attention.
     """
 
     num_source: int
     grid: tuple[int, int, int]
+    mode: str = "isa"
+    isa_config: ISAConfig = field(default_factory=ISAConfig)
+    callback: Callable[[AttentionEvent], None] | None = None
+    timer: "AttentionTimer | None" = None
+
+    def __post_init__(self):
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        if not isinstance(self.isa_config, ISAConfig):
+            raise ValueError(f"isa_config must be an ISAConfig, got {type(self.isa_config).__name__}")
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError(f"callback must be callable, got {type(self.callback).__name__}")
 
 
 class AttentionTimer:
@@ -81,31 +120,17 @@ def apply_rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 class LIVEditorAttnProcessor:
-    """Self-attention of one LIVEditor block.
+    """Self-attention of one LIVEditor block; stateless, like diffusers' `WanAttnProcessor`.
 
-    mode "isa": In-context Sparse Attention with the coarse residual gated by the layer's
-    `attn.coarse_gate` (a `Linear(dim, 1, bias=False)`), so that pruned context still reaches the
-    output. mode "dense": full softmax attention over the whole sequence, no coarse residual.
-
-    The model sets `layout` (an InContextLayout) before every forward pass and shares one
-    AttentionTimer between all layers.
+    Everything a call needs arrives with it as a `SelfAttentionCall` (`call=`), plus the block's
+    `layer` index for callbacks. mode "isa": In-context Sparse Attention with the coarse residual
+    gated by the layer's `attn.coarse_gate` (a `Linear(dim, 1, bias=False)`, gate
+    `(sigmoid(.) - 0.5) * 0.5`). mode "dense": exact attention over the whole sequence plus the same
+    gated coarse residual: the function a LIVEditor model was trained to compute, without sparsity.
     """
 
     _attention_backend = None  # diffusers' attention dispatcher backend for the dense path
     _parallel_config = None
-
-    def __init__(self, mode: str = "isa", isa_config: ISAConfig | None = None, timer: AttentionTimer | None = None):
-        self.set_mode(mode, isa_config)
-        self.timer = timer if timer is not None else AttentionTimer()
-        self.layout: InContextLayout | None = None
-
-    def set_mode(self, mode: str, isa_config: ISAConfig | None = None) -> None:
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        if isa_config is not None and not isinstance(isa_config, ISAConfig):
-            raise ValueError(f"isa_config must be an ISAConfig, got {type(isa_config).__name__}")
-        self.mode = mode
-        self.isa_config = isa_config if isa_config is not None else ISAConfig()
 
     def __call__(
         self,
@@ -114,29 +139,33 @@ class LIVEditorAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        call: SelfAttentionCall | None = None,
+        layer: int = -1,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("LIVEditorAttnProcessor is for self-attention without a mask")
-        layout = self.layout
-        if layout is None:
-            raise ValueError("LIVEditorAttnProcessor needs the model to set its in-context layout first")
+        if not isinstance(call, SelfAttentionCall):
+            raise ValueError("LIVEditorAttnProcessor needs call=SelfAttentionCall(...) (the model passes it)")
 
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
-
-        with self.timer.measure(query.device):
-            if self.mode == "isa":
-                gate = coarse_gate_value(attn.coarse_gate(hidden_states)).to(query.dtype)
-                out = isa_attention(
-                    query.transpose(1, 2),
-                    key.transpose(1, 2),
-                    value.transpose(1, 2),
-                    layout.num_source,
-                    self.isa_config,
-                    gate=gate,
-                    grid=layout.grid,
-                ).transpose(1, 2)
+        gate = coarse_gate_value(attn.coarse_gate(hidden_states)).to(query.dtype)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        info = None
+        timing = call.timer.measure(query.device) if call.timer is not None else nullcontext()
+        with timing:
+            if call.mode == "isa":
+                result = isa_attention(
+                    q, k, v, call.num_source, call.isa_config, gate=gate, grid=call.grid,
+                    return_info=call.callback is not None,
+                )
+                out, info = result if call.callback is not None else (result, None)
+                out = out.transpose(1, 2)
             else:
                 out = _dense_attention(query, key, value, self._attention_backend)
+                residual = coarse_residual(q, k, v, call.num_source, gate, call.isa_config, grid=call.grid)
+                out = out + residual.transpose(1, 2).to(out.dtype)
+        if call.callback is not None:
+            call.callback(AttentionEvent(layer, q, k, v, gate.squeeze(-1), call.num_source, call.grid, call.mode, info))
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)

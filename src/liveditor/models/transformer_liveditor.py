@@ -8,7 +8,9 @@ Built from diffusers' Wan building blocks (patch embedding, time/text embedder, 
   generated); cross-attention to the text is unchanged;
 - decoupled 3D RoPE: the context restarts at position 0 on the same (f, h, w) grid as the source;
 - a per-layer coarse-residual gate `attn1.coarse_gate = Linear(dim, 1, bias=False)`;
-- self-attention through `LIVEditorAttnProcessor` ("isa" or "dense", switchable at run time);
+- self-attention through the stateless `LIVEditorAttnProcessor` ("isa" or "dense", switchable at
+  run time); each forward builds one `SelfAttentionCall` (layout, mode, ISA config, callback) that
+  every block passes on to its processor;
 - only the source tokens are decoded by the head.
 """
 
@@ -32,7 +34,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from ..isa import ISAConfig
-from .attention_processor import ATTENTION_MODES, AttentionTimer, InContextLayout, LIVEditorAttnProcessor
+from .attention_processor import ATTENTION_MODES, AttentionTimer, LIVEditorAttnProcessor, SelfAttentionCall
 
 # Architecture presets. "liveditor-14b" is the high-noise expert of Wan2.2-T2V-A14B (spec section 3);
 # the small ones keep every mechanism (RoPE split, qk-norm, gate) at sizes a CPU runs in seconds.
@@ -78,14 +80,40 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class LIVEditorTransformerBlock(WanTransformerBlock):
-    """A Wan block whose self-attention runs LIVEditorAttnProcessor and owns a coarse-residual gate."""
+    """A Wan block whose self-attention runs LIVEditorAttnProcessor and owns a coarse-residual gate.
+
+    Its forward is Wan's, with the per-call `SelfAttentionCall` handed to the self-attention.
+    """
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: str, cross_attn_norm: bool, eps: float,
-                 processor: LIVEditorAttnProcessor):
+                 layer: int = 0):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps)
+        self.layer = layer
         # Lives on the attention module so the processor reaches it as `attn.coarse_gate`.
         self.attn1.coarse_gate = nn.Linear(dim, 1, bias=False)
-        self.attn1.set_processor(processor)
+        self.attn1.set_processor(LIVEditorAttnProcessor())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        call: SelfAttentionCall,
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+        normed = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        attn_output = self.attn1(normed, None, None, rotary_emb, call=call, layer=self.layer)
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+
+        normed = self.norm2(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self.attn2(normed, encoder_hidden_states, None, None)
+
+        normed = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states)
+        ff_output = self.ffn(normed)
+        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
 class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
@@ -135,7 +163,7 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
             raise ValueError(f"attention_head_dim must be even and at least 6 for 3D RoPE, got {attention_head_dim}")
         inner_dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
-        isa = ISAConfig(**isa_config) if isa_config else ISAConfig()
+        self._isa_config = ISAConfig(**isa_config) if isa_config else ISAConfig()
 
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
@@ -147,11 +175,8 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         self.attention_timer = AttentionTimer()
         self.blocks = nn.ModuleList(
             [
-                LIVEditorTransformerBlock(
-                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps,
-                    LIVEditorAttnProcessor(attention, isa, self.attention_timer),
-                )
-                for _ in range(num_layers)
+                LIVEditorTransformerBlock(inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, i)
+                for i in range(num_layers)
             ]
         )
 
@@ -169,30 +194,25 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
 
     # ----- attention mode -------------------------------------------------------------------
 
-    def _self_attention_processors(self) -> list[LIVEditorAttnProcessor]:
-        processors = [block.attn1.processor for block in self.blocks]
-        for p in processors:
-            if not isinstance(p, LIVEditorAttnProcessor):
-                raise ValueError(f"self-attention processor was replaced by {type(p).__name__}")
-        return processors
-
     def set_attention_mode(self, mode: str, isa_config: ISAConfig | None = None) -> None:
-        """Switch every self-attention layer to "isa" or "dense"; `isa_config` replaces the ISA knobs.
+        """Default attention of every self-attention layer: "isa" or "dense" (exact attention plus
+        the gated coarse residual); `isa_config` replaces the ISA knobs.
 
-        Recorded in the model config, so `save_pretrained` keeps it.
+        Recorded in the model config, so `save_pretrained` keeps it. One call can override both
+        with `attention_kwargs` (see forward).
         """
-        config = isa_config if isa_config is not None else self.isa_config
-        for processor in self._self_attention_processors():
-            processor.set_mode(mode, config)
+        config = isa_config if isa_config is not None else self._isa_config
+        SelfAttentionCall(num_source=1, grid=(1, 1, 1), mode=mode, isa_config=config)  # validates
+        self._isa_config = config
         self.register_to_config(attention=mode, isa_config=asdict(config))
 
     @property
     def attention_mode(self) -> str:
-        return self._self_attention_processors()[0].mode
+        return self.config.attention
 
     @property
     def isa_config(self) -> ISAConfig:
-        return self._self_attention_processors()[0].isa_config
+        return self._isa_config
 
     # ----- forward --------------------------------------------------------------------------
 
@@ -207,7 +227,8 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     ):
         """Predict the flow for the source latent, attending jointly over source and context.
 
-        attention_kwargs: optional per-call overrides {"mode": "isa"|"dense", "isa_config": ISAConfig}.
+        attention_kwargs: optional, for this call only: "mode" ("isa" | "dense"), "isa_config"
+        (ISAConfig) and "callback" (called by every self-attention layer with an AttentionEvent).
         """
         if hidden_states.dim() != 5:
             raise ValueError(f"hidden_states must be [B, C, F, H, W], got shape {tuple(hidden_states.shape)}")
@@ -242,14 +263,14 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
 
-        with self._in_context_layout(InContextLayout(num_source, grid), attention_kwargs):
-            for block in self.blocks:
-                if torch.is_grad_enabled() and self.gradient_checkpointing:
-                    tokens = self._gradient_checkpointing_func(
-                        block, tokens, encoder_hidden_states, timestep_proj, rotary_emb
-                    )
-                else:
-                    tokens = block(tokens, encoder_hidden_states, timestep_proj, rotary_emb)
+        call = self._self_attention_call(num_source, grid, attention_kwargs)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(
+                    block, tokens, encoder_hidden_states, timestep_proj, rotary_emb, call
+                )
+            else:
+                tokens = block(tokens, encoder_hidden_states, timestep_proj, rotary_emb, call)
 
         # Only the source is decoded.
         tokens = tokens[:, :num_source]
@@ -264,35 +285,19 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
-    def _in_context_layout(self, layout: InContextLayout, attention_kwargs: dict[str, Any] | None):
-        return _LayoutScope(self._self_attention_processors(), layout, attention_kwargs)
+    _ATTENTION_KWARGS = ("mode", "isa_config", "callback")
 
-
-class _LayoutScope:
-    """Hands the layout (and per-call attention overrides) to every processor for one forward pass."""
-
-    _KEYS = ("mode", "isa_config")
-
-    def __init__(self, processors, layout, attention_kwargs):
+    def _self_attention_call(self, num_source: int, grid: tuple[int, int, int],
+                             attention_kwargs: dict[str, Any] | None) -> SelfAttentionCall:
         attention_kwargs = dict(attention_kwargs or {})
-        unknown = set(attention_kwargs) - set(self._KEYS)
+        unknown = set(attention_kwargs) - set(self._ATTENTION_KWARGS)
         if unknown:
-            raise ValueError(f"unknown attention_kwargs {sorted(unknown)}; supported: {list(self._KEYS)}")
-        self.processors = processors
-        self.layout = layout
-        self.override = attention_kwargs
-        self.saved = []
-
-    def __enter__(self):
-        for p in self.processors:
-            self.saved.append((p.mode, p.isa_config))
-            if self.override:
-                p.set_mode(self.override.get("mode", p.mode), self.override.get("isa_config", p.isa_config))
-            p.layout = self.layout
-        return self
-
-    def __exit__(self, *exc):
-        # The layout stays set: gradient checkpointing recomputes the blocks after forward returns.
-        for p, (mode, config) in zip(self.processors, self.saved):
-            p.set_mode(mode, config)
-        return False
+            raise ValueError(f"unknown attention_kwargs {sorted(unknown)}; supported: {list(self._ATTENTION_KWARGS)}")
+        return SelfAttentionCall(
+            num_source=num_source,
+            grid=grid,
+            mode=attention_kwargs.get("mode", self.attention_mode),
+            isa_config=attention_kwargs.get("isa_config", self._isa_config),
+            callback=attention_kwargs.get("callback"),
+            timer=self.attention_timer,
+        )

@@ -7,9 +7,15 @@ from liveditor.atomic import write_json
 from liveditor.eval.shapeedit import evaluate_shapeedit, format_summary, to_uint8_video
 
 
-def _targets(per_family):
-    examples = [generate_example(s, "test", f) for f in FAMILIES for s in range(per_family)]
+def _targets(per_family, split="test"):
+    examples = [generate_example(s, split, f) for f in FAMILIES for s in range(per_family)]
     return {ex.source.tobytes(): ex.target for ex in examples}
+
+
+def _each(edit_one):
+    """A batch editor from a one-clip editor."""
+    return lambda sources, instructions, attention: np.stack(
+        [edit_one(s, i, attention) for s, i in zip(sources, instructions)])
 
 
 def test_oracle_scores_perfectly_and_identity_fails():
@@ -20,8 +26,9 @@ def test_oracle_scores_perfectly_and_identity_fails():
         calls.append(attention)
         return targets[source.tobytes()].copy()
 
-    result = evaluate_shapeedit(oracle, per_family=2, progress=False)
+    result = evaluate_shapeedit(_each(oracle), per_family=2, progress=False, batch_size=5)
     assert len(result["clips"]) == 2 * len(FAMILIES) and sorted(set(calls)) == ["dense", "isa"]
+    assert [(c["family"], c["seed"]) for c in result["clips"]] == [(f, s) for f in FAMILIES for s in range(2)]
     overall = result["summary"]["all"]
     assert overall["isa"]["success_rate"] == overall["dense"]["success_rate"] == 100.0
     assert overall["isa_vs_dense_psnr"] == PSNR_CAP_DB and overall["isa"]["ssim"] == pytest.approx(1.0)
@@ -34,9 +41,19 @@ def test_oracle_scores_perfectly_and_identity_fails():
     assert "isa_vs_dense_psnr" not in nothing["summary"]["all"]
 
 
-def test_isa_vs_dense_psnr_measures_the_difference(tmp_path):
+def test_val_split_is_scored_against_its_own_targets():
+    targets = _targets(1, "val")
+    result = evaluate_shapeedit(_each(lambda s, i, a: targets[s.tobytes()].copy()), per_family=1, split="val",
+                                attentions=("isa",), progress=False)
+    assert result["settings"]["split"] == "val" and result["summary"]["all"]["isa"]["success_rate"] == 100.0
+    with pytest.raises(ValueError, match="split"):
+        evaluate_shapeedit(lambda s, i, a: s, split="train", progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_isa_vs_dense_psnr_measures_the_difference(tmp_path, seed):
     targets = _targets(1)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
 
     def editor(source, instruction, attention):
         out = targets[source.tobytes()].astype(np.int16)
@@ -44,7 +61,7 @@ def test_isa_vs_dense_psnr_measures_the_difference(tmp_path):
             out = out + rng.integers(-3, 4, out.shape)
         return np.clip(out, 0, 255).astype(np.uint8)
 
-    result = evaluate_shapeedit(editor, per_family=1, progress=False)
+    result = evaluate_shapeedit(_each(editor), per_family=1, progress=False)
     value = result["summary"]["all"]["isa_vs_dense_psnr"]
     assert 35 < value < 50  # uniform noise of variance 4 is about 42 dB
     table = format_summary(result)
@@ -60,7 +77,26 @@ def test_bad_editor_output_is_reported():
         evaluate_shapeedit(lambda s, i, a: s, attentions=("flash",), progress=False)
 
 
-def test_float_frames_convert_to_uint8():
-    frames = np.random.default_rng().random((2, 4, 4, 3))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float_frames_convert_to_uint8(seed):
+    frames = np.random.default_rng(seed).random((2, 4, 4, 3))
     out = to_uint8_video(frames)
     assert out.dtype == np.uint8 and np.abs(out / 255.0 - frames).max() <= 0.5 / 255 + 1e-9
+
+
+def test_batched_pipeline_edits_match_one_clip_calls(shapeedit_pipeline):
+    """Editing clips together gives what editing each alone through the pipeline gives."""
+    from liveditor.data.shapes import ShapeEditConfig
+    from liveditor.eval.shapeedit import pipeline_edit_fn
+
+    pipe = shapeedit_pipeline
+    config = ShapeEditConfig(frames=4, height=32, width=32)
+    examples = [generate_example(s, "test", f, config) for s, f in ((0, "recolor"), (1, "add"), (2, "motion"))]
+    sources = np.stack([e.source for e in examples])
+    for mode, guidance in (("isa", 1.0), ("dense", 3.0)):
+        batched = pipeline_edit_fn(pipe, 3, guidance, seed=5)(sources, [e.instruction for e in examples], mode)
+        for example, out in zip(examples, batched):
+            alone = pipe(example.source, example.instruction, num_inference_steps=3, guidance_scale=guidance, seed=5,
+                         attention_kwargs={"mode": mode}).frames[0]
+            difference = np.abs(out.astype(int) - to_uint8_video(alone).astype(int))
+            assert difference.max() <= 1, (mode, example.family)

@@ -5,6 +5,7 @@ import logging
 import math
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,10 +14,15 @@ from liveditor.errors import LIVEditorError
 from liveditor.training import load_config, train
 from liveditor.training.loop import (
     CHECKPOINT_DIR,
-    ResumableRandomSampler,
+    CLIP_SEEDS,
+    SAMPLE_SEEDS,
+    SeedStream,
     _replace_dir,
+    check_shard_count,
+    edit_region_weights,
     find_checkpoint,
     learning_rate,
+    stream_seeds,
     video_batch_to_model,
 )
 
@@ -25,7 +31,7 @@ TINY = [
     "model.freq_dim=16", "model.isa={block_size = 16}",
     "text.d_model=16", "text.num_layers=1", "text.num_heads=2", "text.d_ff=32", "text.max_length=16",
     "text.drop_prob=0.5",
-    "data.frames=4", "data.height=32", "data.width=32", "data.num_workers=0", "data.num_examples=64",
+    "data.frames=4", "data.height=32", "data.width=32", "data.num_workers=0",
     "codec.stats_clips=2", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
     "train.max_time_s=0", "optim.warmup_steps=1", "optim.lr=1e-3",
 ]
@@ -58,7 +64,8 @@ def test_train_writes_checkpoint_log_and_a_pipeline_that_edits(tmp_path):
     weights = load_file(result.pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(w.dtype == torch.float16 for w in weights.values())
     summary = json.loads((result.pipeline_dir / "training.json").read_text())
-    assert summary["steps"] == 3 and summary["attention"] == "isa"
+    assert summary["steps"] == 3 and summary["attention"] == "isa" and len(summary["stages"]) == 1
+    assert summary["training_gflop_per_clip"] > 0
     example = generate_example(0, "test", config=ShapeEditConfig(frames=4, height=32, width=32))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(example.source, example.instruction, num_inference_steps=2, guidance_scale=2.0, seed=0).frames
@@ -124,6 +131,15 @@ def test_init_from_a_pipeline_folder(tmp_path):
     trained = load_file(tmp_path / "b" / CHECKPOINT_DIR / "model.safetensors")
     for key, value in reference.items():
         torch.testing.assert_close(trained[key], value.float(), msg=key)
+    # A new stage draws new clips and noise, and training.json lists both stages.
+    third = train(tiny_config(tmp_path / "d", "train.max_steps=3", "train.schedule=\"continue\"",
+                              f'train.init_from="{first.pipeline_dir}"'), progress=False)
+    assert third.steps == 3 and third.samples == 4  # steps 1 and 2 of the schedule, after the first stage's 1
+    record = json.loads((third.pipeline_dir / "training.json").read_text())
+    assert [(s["stage"], s["steps"], s["global_step"]) for s in record["stages"]] == [(0, 1, 1), (1, 2, 3)]
+    first_log = [r for r in log_rows(tmp_path / "a") if "event" not in r]
+    third_log = [r for r in log_rows(tmp_path / "d") if "event" not in r]
+    assert [r["step"] for r in third_log] == [2, 3] and third_log[0]["loss"] != first_log[0]["loss"]
     with pytest.raises(LIVEditorError, match="does not match"):
         train(tiny_config(tmp_path / "c", "train.max_steps=1", "model.ffn_dim=64",
                           f'train.init_from="{first.pipeline_dir}"'), progress=False)
@@ -141,14 +157,36 @@ def test_learning_rate_schedule():
     assert learning_rate(timed, 10, 30.0) == pytest.approx(0.5)  # time is the nearer limit
 
 
-def test_sampler_resumes_exactly_and_splits_processes():
-    full = list(islice(iter(ResumableRandomSampler(10, seed=3)), 25))
-    assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]
-    assert list(islice(iter(ResumableRandomSampler(10, seed=3, start=13)), 12)) == full[13:25]
-    ranks = [list(islice(iter(ResumableRandomSampler(10, seed=3, rank=r, num_replicas=2)), 5)) for r in (0, 1)]
-    assert not set(ranks[0]) & set(ranks[1])
-    with pytest.raises(LIVEditorError):
-        ResumableRandomSampler(1, seed=0, num_replicas=2)
+def test_seed_streams_resume_and_never_overlap():
+    full = list(islice(iter(SeedStream(3, stage=0, rank=0)), 2100))
+    assert len(set(full)) == len(full) and all(0 <= v < 2**62 for v in full)
+    assert list(islice(iter(SeedStream(3, stage=0, rank=0, start=1500)), 600)) == full[1500:2100]
+    others = [set(islice(iter(SeedStream(*key)), 2100)) for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0))]
+    assert all(not (set(full) & other) for other in others)  # other process, next stage, other seed
+    noise = stream_seeds(3, 0, 0, SAMPLE_SEEDS, range(2100))
+    assert not set(noise.tolist()) & set(full) and stream_seeds(3, 0, 0, CLIP_SEEDS, [7])[0] == full[7]
+
+
+def test_too_few_shards_for_the_readers_is_one_clear_error():
+    check_shard_count(8, processes=2, workers=4, source="d")
+    with pytest.raises(LIVEditorError, match="7 shards but 2 processes x 4 loader workers"):
+        check_shard_count(7, processes=2, workers=4, source="d")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_edit_region_weights_cover_the_dilated_change(seed):
+    config = load_config(None, ["train.edit_loss_weight=4.0", "train.edit_dilation=2"])
+    rng = np.random.default_rng(seed)
+    source = torch.from_numpy(rng.integers(0, 256, (2, 16, 64, 64, 3), dtype=np.uint8))
+    target = source.clone()
+    y, x = rng.integers(8, 50, 2)
+    target[0, 3, y, x, 1] ^= 0x40  # one pixel of one frame of clip 0
+    weights = edit_region_weights(source, target, config)
+    assert weights.shape == (2, 1, 16, 16, 16)
+    changed = torch.zeros(16, 16, dtype=torch.bool)
+    changed[(y - 2) // 4:(y + 2) // 4 + 1, (x - 2) // 4:(x + 2) // 4 + 1] = True
+    assert torch.equal(weights[0, 0, 3] == 5.0, changed), (seed, y, x)
+    assert (weights[0, 0, :3] == 1).all() and (weights[1] == 1).all()
 
 
 def test_model_input_from_uint8_batches():
@@ -165,7 +203,7 @@ def test_model_input_from_uint8_batches():
         video_batch_to_model(model_input, "cpu")
 
 
-def test_gradient_checkpointing_gives_the_plain_step_and_accumulation_runs(tmp_path):
+def test_gradient_checkpointing_gives_the_plain_step(tmp_path):
     # Recomputing activations in the backward pass changes nothing.
     plain = train(tiny_config(tmp_path / "plain", "train.max_steps=1"), progress=False, export=False)
     ckpt = train(tiny_config(tmp_path / "ckpt", "train.max_steps=1", "train.gradient_checkpointing=true"),
@@ -175,6 +213,34 @@ def test_gradient_checkpointing_gives_the_plain_step_and_accumulation_runs(tmp_p
     b = load_file(tmp_path / "ckpt" / CHECKPOINT_DIR / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    accumulated = train(tiny_config(tmp_path / "accum", "train.max_steps=1", "train.batch_size=1",
-                                    "train.grad_accum_steps=2"), progress=False, export=False)
-    assert accumulated.samples == 2  # one optimizer step over two micro-batches
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
+    # Every sample draws its clip, noise level, noise and instruction drop from its own seed, so the
+    # same two samples in one batch or in two accumulated micro-batches give the same gradients.
+    # optim.eps=1 makes AdamW's first steps proportional to the gradient (with the default eps they
+    # are its sign, which float rounding flips where a gradient is near zero).
+    from accelerate.utils import set_seed
+
+    from liveditor.training import build_components
+
+    adam = ["optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=2"]
+    runs = {
+        "batch": ["train.batch_size=2"],
+        "accumulated": ["train.batch_size=1", "train.grad_accum_steps=2"],
+        "single": ["train.batch_size=1"],
+    }
+    moved = {}
+    for name, extra in runs.items():
+        config = tiny_config(tmp_path / name, *adam, *extra)
+        result = train(config, progress=False, export=False)
+        set_seed(config.train.seed)
+        initial = build_components(config)[3].state_dict()
+        final = load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
+        moved[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
+        assert result.steps == 2
+    scale = moved["batch"].abs().max()
+    assert scale > 0
+    error = (moved["accumulated"] - moved["batch"]).abs().max() / scale
+    other = (moved["single"] - moved["batch"]).abs().max() / scale
+    assert error < 1e-3 and other > 0.05, (error, other)

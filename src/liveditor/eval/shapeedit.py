@@ -18,37 +18,60 @@ import numpy as np
 from ..data.shapes import FAMILIES, ShapeEditConfig, generate_example
 from .metrics import PSNR_CAP_DB, edit_success, psnr, ssim
 
-# (source uint8 [F, H, W, 3], instruction, attention mode) -> edited uint8 [F, H, W, 3]
-EditFn = Callable[[np.ndarray, str, str], np.ndarray]
+# (sources uint8 [B, F, H, W, 3], instructions, attention mode) -> edited uint8 [B, F, H, W, 3]
+EditFn = Callable[[np.ndarray, list, str], np.ndarray]
 
 ATTENTION_MODES = ("isa", "dense")
 
+
 def to_uint8_video(frames) -> np.ndarray:
-    """A pipeline's float [F, H, W, 3] output in [0, 1] (or uint8) as uint8."""
+    """A pipeline's float [..., H, W, 3] output in [0, 1] (or uint8) as uint8."""
     array = np.asarray(frames)
     if array.dtype == np.uint8:
         return array
     return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> EditFn:
-    """Adapt a LIVEditorPipeline to the benchmark: one clip, the given attention mode, fixed seed
-    (steps and guidance: None takes the pipeline folder's defaults)."""
+def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                     seed: int = 0) -> EditFn:
+    """Adapt a LIVEditorPipeline to the benchmark: a batch of clips edited together, each exactly as
+    `pipe(source, instruction, seed=seed, attention_kwargs={"mode": attention})` would edit it alone
+    (the same per-clip noise, solver and guidance; steps and guidance: None takes the folder's
+    defaults). Batching only runs the clips' denoising steps as one transformer call."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
 
-    def edit(source: np.ndarray, instruction: str, attention: str) -> np.ndarray:
-        _, H, W, _ = source.shape
-        out = pipe(
-            source,
-            instruction,
-            height=H,
-            width=W,
-            seed=seed,
-            output_type="np",
-            attention_kwargs={"mode": attention},
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-        ).frames[0]
-        return to_uint8_video(out)
+    def edit(sources: np.ndarray, instructions: list, attention: str) -> np.ndarray:
+        steps, guidance = pipe.sampling_settings(num_inference_steps, guidance_scale)
+        _, _, height, width, _ = sources.shape
+        device, dtype = pipe._execution_device, pipe.transformer.dtype
+        do_cfg = guidance > 1.0
+        with torch.no_grad():
+            pixels = torch.cat([pipe.prepare_video(source, height, width)[0] for source in sources])
+            prompts = [pipe.encode_prompt(text, None, do_cfg, device, dtype) for text in instructions]
+            text = torch.cat([p for p, _ in prompts])
+            negative = torch.cat([n for _, n in prompts]) if do_cfg else None
+            context = pipe.encode_video(pixels).to(device=device, dtype=torch.float32)
+            latents = torch.cat([
+                randn_tensor((1, *context.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(seed)),
+                             device=device, dtype=torch.float32)
+                for _ in sources
+            ])
+            context = context.to(dtype)
+            pipe.scheduler.set_timesteps(steps, device=device)
+            kwargs = {"mode": attention}
+            for t in pipe.scheduler.timesteps:
+                model_input = latents.to(dtype)
+                step_t = t.expand(latents.shape[0])
+                flow = pipe.transformer(model_input, step_t, text, context, attention_kwargs=kwargs, return_dict=False)[0]
+                if do_cfg:
+                    flow_uncond = pipe.transformer(model_input, step_t, negative, context, attention_kwargs=kwargs,
+                                                   return_dict=False)[0]
+                    flow = flow_uncond + guidance * (flow - flow_uncond)
+                latents = pipe.scheduler.step(flow.float(), t, latents, return_dict=False)[0]
+            video = pipe.decode_latents(latents).float().clamp(-1.0, 1.0)
+        frames = ((video + 1.0) / 2.0).permute(0, 2, 3, 4, 1).cpu().numpy()  # [B, F, H, W, 3]
+        return to_uint8_video(frames)
 
     return edit
 
@@ -87,8 +110,13 @@ def evaluate_shapeedit(
     families: Sequence[str] = FAMILIES,
     config: ShapeEditConfig | None = None,
     progress: bool = True,
+    split: str = "test",
+    batch_size: int = 16,
 ) -> dict:
-    """Run the benchmark; returns ``{"clips": [...], "summary": {...}, "settings": {...}}``."""
+    """Run the benchmark; returns ``{"clips": [...], "summary": {...}, "settings": {...}}``.
+
+    split: "test" (held out, the benchmark) or "val" (watched during training). Clips are edited
+    `batch_size` at a time; "seconds" per clip is the batch's time over its clips."""
     from tqdm.auto import tqdm
 
     if isinstance(per_family, bool) or not isinstance(per_family, int) or per_family < 1:
@@ -99,43 +127,55 @@ def evaluate_shapeedit(
     families = tuple(families)
     if not families or any(f not in FAMILIES for f in families):
         raise ValueError(f"families must be from {FAMILIES}, got {families}")
+    if split not in ("val", "test"):
+        raise ValueError(f'split must be "val" or "test", got {split!r}')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = ShapeEditConfig() if config is None else config
 
     clips = []
     jobs = [(family, seed) for family in families for seed in range(per_family)]
-    for family, seed in tqdm(jobs, desc="ShapeEdit benchmark", unit="clip", disable=not progress):
-        example = generate_example(seed, "test", family, config)
-        row = {
-            "family": family,
-            "seed": seed,
-            "instruction": example.instruction,
-            "input_psnr": psnr(example.source, example.target),
-        }
-        outputs = {}
+    bar = tqdm(total=len(jobs), desc="ShapeEdit benchmark", unit="clip", disable=not progress)
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first:first + batch_size]
+        examples = [generate_example(seed, split, family, config) for family, seed in chunk]
+        sources = np.stack([e.source for e in examples])
+        outputs, seconds = {}, {}
         for mode in attentions:
             start = time.perf_counter()
-            out = edit_fn(example.source, example.instruction, mode)
-            seconds = time.perf_counter() - start
-            if not isinstance(out, np.ndarray) or out.shape != example.target.shape or out.dtype != np.uint8:
+            out = edit_fn(sources, [e.instruction for e in examples], mode)
+            seconds[mode] = (time.perf_counter() - start) / len(chunk)
+            if not isinstance(out, np.ndarray) or out.shape != sources.shape or out.dtype != np.uint8:
                 raise ValueError(
                     f"the editor returned {getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}, "
-                    f"expected uint8 {example.target.shape}"
+                    f"expected uint8 {sources.shape}"
                 )
             outputs[mode] = out
-            result = edit_success(out, example.source, example.target)
-            row[mode] = {
-                "psnr": psnr(out, example.target),
-                "ssim": ssim(out, example.target),
-                "success": result.success,
-                "edit_accuracy": result.edit_accuracy,
-                "keep_accuracy": result.keep_accuracy,
-                "seconds": seconds,
+        for i, ((family, seed), example) in enumerate(zip(chunk, examples)):
+            row = {
+                "family": family,
+                "seed": seed,
+                "instruction": example.instruction,
+                "input_psnr": psnr(example.source, example.target),
             }
-        if "isa" in outputs and "dense" in outputs:
-            row["isa_vs_dense_psnr"] = psnr(outputs["isa"], outputs["dense"])
-        clips.append(row)
+            for mode in attentions:
+                out = outputs[mode][i]
+                result = edit_success(out, example.source, example.target)
+                row[mode] = {
+                    "psnr": psnr(out, example.target),
+                    "ssim": ssim(out, example.target),
+                    "success": result.success,
+                    "edit_accuracy": result.edit_accuracy,
+                    "keep_accuracy": result.keep_accuracy,
+                    "seconds": seconds[mode],
+                }
+            if "isa" in outputs and "dense" in outputs:
+                row["isa_vs_dense_psnr"] = psnr(outputs["isa"][i], outputs["dense"][i])
+            clips.append(row)
+        bar.update(len(chunk))
+    bar.close()
     return {
-        "settings": {"per_family": per_family, "split": "test", "attentions": list(attentions), "config": config.__dict__.copy()},
+        "settings": {"per_family": per_family, "split": split, "attentions": list(attentions), "config": config.__dict__.copy()},
         "clips": clips,
         "summary": summarize(clips, attentions, families),
     }

@@ -67,11 +67,14 @@ class TextSection:
 @dataclass
 class DataSection:
     """Where training clips come from: "procedural" (ShapeEdit generated on the fly) or a shard
-    folder / glob written by `liveditor.data.shards`."""
+    folder / glob written by `liveditor.data.shards`.
+
+    Procedural clips are an endless stream: the clip seed of every sample is a hash of (train.seed,
+    the stage, the process, the sample's index), so processes never share clips, a resumed run
+    continues the stream and a new stage (`train.init_from`) never replays an earlier one."""
 
     source: str = "procedural"
-    num_examples: int = 1_000_000  # procedural: distinct training clips (seeds start_seed..)
-    start_seed: int = 0
+    start_seed: int = 0  # procedural: the first codec.stats_clips seeds estimate the latent statistics
     frames: int = 16
     height: int = 64
     width: int = 64
@@ -98,14 +101,24 @@ class TrainSection:
     #                           whichever limit is nearer)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "no"
     gradient_checkpointing: bool = False
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # 0.999 suits long runs (tens of thousands of steps)
+    edit_loss_weight: float = 0.0  # > 0: the loss of latent positions whose pixels differ between input
+    #                                and target (dilated by edit_dilation pixels) counts 1 + this much
+    edit_dilation: int = 2
+    compile: bool = False  # torch.compile each transformer block (regional; GPU training)
     flow_shift: float = 3.0  # Wan's shifted timestep sampling: t = s*u / (1 + (s-1)*u)
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     output_dir: str = "runs/tiny-shapeedit"
     init_from: str = ""  # a LIVEditorPipeline folder whose weights (and codec statistics) start a
-    #                      fresh run; its architecture must match this config. Ignored on resume.
+    #                      new stage; its architecture must match this config. Ignored on resume.
+    schedule: str = "new"  # with init_from: "new" (fresh warmup and decay over max_steps) or
+    #                        "continue" (the step count and schedule go on from the folder's last stage)
+    session_time_s: float = 0.0  # > 0: this invocation stops after this much wall time with a
+    #                              checkpoint (and export); run again to resume
+    val_every: int = 0  # > 0: score the EMA weights on the ShapeEdit val split every this many steps
+    val_per_family: int = 10  # val clips per edit family
 
 
 @dataclass
@@ -144,7 +157,6 @@ class TrainConfig:
             "text.num_heads": self.text.num_heads,
             "text.d_ff": self.text.d_ff,
             "text.max_length": self.text.max_length,
-            "data.num_examples": self.data.num_examples,
             "data.frames": self.data.frames,
             "data.height": self.data.height,
             "data.width": self.data.width,
@@ -158,7 +170,10 @@ class TrainConfig:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         for key, value in {"data.start_seed": self.data.start_seed, "data.num_workers": self.data.num_workers,
-                           "optim.warmup_steps": self.optim.warmup_steps, "train.seed": self.train.seed}.items():
+                           "optim.warmup_steps": self.optim.warmup_steps, "train.seed": self.train.seed,
+                           "train.edit_dilation": self.train.edit_dilation, "train.val_every": self.train.val_every,
+                           "train.edit_loss_weight": self.train.edit_loss_weight,
+                           "train.session_time_s": self.train.session_time_s}.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
         if self.model.attention_head_dim % 2:
@@ -198,6 +213,10 @@ class TrainConfig:
             raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {self.optim.grad_clip}")
         if self.train.max_time_s < 0:
             raise ConfigError(f"train.max_time_s must be >= 0 (0: no time limit), got {self.train.max_time_s}")
+        if self.train.schedule not in ("new", "continue"):
+            raise ConfigError(f'train.schedule must be "new" or "continue", got {self.train.schedule!r}')
+        if self.train.val_per_family < 1:
+            raise ConfigError(f"train.val_per_family must be >= 1, got {self.train.val_per_family}")
         if self.train.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ConfigError(f'train.mixed_precision must be "auto", "bf16", "fp16" or "no", got {self.train.mixed_precision!r}')
         if not 0.0 <= self.train.ema_decay < 1.0:

@@ -31,13 +31,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LIVEditorError
 from ..pipelines.pipeline_liveditor import encode_instructions
 from .config import TrainConfig
 from .ema import EMA
-from .flow import NUM_TRAIN_TIMESTEPS, flow_matching_loss, flow_matching_pair, sample_sigmas
+from .flow import NUM_TRAIN_TIMESTEPS, flow_matching_loss, flow_matching_pair, shift_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -117,30 +117,63 @@ def _shapeedit_config(config: TrainConfig):
     return ShapeEditConfig(frames=config.data.frames, height=config.data.height, width=config.data.width)
 
 
-class ResumableRandomSampler(Sampler):
-    """Endless shuffled indices of `length` items for one of `num_replicas` processes.
+_MASK64 = (1 << 64) - 1
+CLIP_SEEDS, SAMPLE_SEEDS = 0, 1  # the two purposes a stream seed is drawn for
 
-    Epoch `e` is a permutation seeded by (seed, e); process `rank` takes every `num_replicas`-th
-    index. `start` skips that many of this process's indices, so a resumed run continues exactly
-    where the checkpoint left off.
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays: a bijection that scrambles every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def stream_seeds(seed: int, stage: int, rank: int, purpose: int, indices) -> np.ndarray:
+    """Seeds (int64 in [0, 2**62)) of samples `indices` of one process in one training stage.
+
+    A hash of (seed, stage, rank, purpose, index): different processes, stages and purposes draw
+    unrelated streams, and sample `i` gets the same seed however the run was batched, accumulated or
+    interrupted.
     """
+    with np.errstate(over="ignore"):
+        key = np.uint64(0)
+        for part in (seed, stage, rank, purpose):
+            key = _mix64(np.uint64((int(key) ^ (int(part) & _MASK64)) & _MASK64) + np.uint64(0x9E3779B97F4A7C15))
+        index = np.asarray(indices, dtype=np.uint64)
+        out = _mix64(key + index * np.uint64(0x9E3779B97F4A7C15))
+    return (out >> np.uint64(2)).astype(np.int64)
 
-    def __init__(self, length: int, seed: int, rank: int = 0, num_replicas: int = 1, start: int = 0):
-        if length < num_replicas:
-            raise LIVEditorError(f"dataset of {length} clips is smaller than the {num_replicas} processes")
-        self.length, self.seed, self.rank, self.num_replicas, self.start = length, seed, rank, num_replicas, start
+
+class SeedStream(Sampler):
+    """Endless procedural clip seeds of one process: `stream_seeds(..., CLIP_SEEDS, start, start+1, ...)`."""
+
+    def __init__(self, seed: int, stage: int, rank: int, start: int = 0):
+        self.seed, self.stage, self.rank, self.start = seed, stage, rank, start
 
     def __iter__(self) -> Iterator[int]:
-        per_epoch = self.length // self.num_replicas
-        epoch, offset = divmod(self.start, per_epoch)
+        index = self.start
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
-            mine = order[self.rank :: self.num_replicas][:per_epoch]
-            for index in mine[offset:]:
-                yield int(index)
-            epoch, offset = epoch + 1, 0
+            for value in stream_seeds(self.seed, self.stage, self.rank, CLIP_SEEDS, range(index, index + 1024)):
+                yield int(value)
+            index += 1024
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
+        return 2**62
+
+
+class ProceduralClips(Dataset):
+    """ShapeEdit `train` clips keyed by their seed (the sampler hands out seeds, not positions)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __getitem__(self, seed: int) -> dict:
+        from ..data.shapes import generate_example
+        from ..data.shards import example_to_tensors
+
+        return example_to_tensors(generate_example(int(seed), "train", config=self.config))
+
+    def __len__(self) -> int:
         return 2**62
 
 
@@ -152,7 +185,18 @@ def video_batch_to_model(videos: torch.Tensor, device) -> torch.Tensor:
     return videos.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
-def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memory: bool) -> Iterator[dict]:
+def check_shard_count(num_shards: int, processes: int, workers: int, source) -> None:
+    """Every loader worker of every process needs at least one shard, or a process waits forever."""
+    readers = processes * max(1, workers)
+    if num_shards < readers:
+        raise LIVEditorError(
+            f"{source} holds {num_shards} shards but {processes} processes x {max(1, workers)} loader workers "
+            f"read it: write at least {readers} shards (liveditor make-data --samples-per-shard) or lower "
+            "data.num_workers"
+        )
+
+
+def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: int, pin_memory: bool) -> Iterator[dict]:
     """Endless training batches for this process, starting after `consumed` of its samples."""
     data = config.data
     common = dict(
@@ -160,28 +204,27 @@ def _batches(config: TrainConfig, rank: int, world: int, consumed: int, pin_memo
         num_workers=data.num_workers,
         pin_memory=pin_memory,
         drop_last=True,
-        persistent_workers=data.num_workers > 0,
-        # Its own generator, so creating the loader does not draw from the global RNG (which a
-        # resumed run restores and which must give the same noise as an uninterrupted run).
+        prefetch_factor=4 if data.num_workers > 0 else None,
+        # Its own generator, so creating the loader does not draw from the global RNG.
         generator=torch.Generator().manual_seed(config.train.seed * 1009 + rank),
     )
     if data.source == "procedural":
-        from ..data.shards import ShapeEditDataset
-
-        dataset = ShapeEditDataset(data.num_examples, "train", data.start_seed, _shapeedit_config(config))
-        sampler = ResumableRandomSampler(len(dataset), config.train.seed, rank, world, consumed)
-        yield from DataLoader(dataset, sampler=sampler, **common)
+        sampler = SeedStream(config.train.seed, stage, rank, consumed)
+        yield from DataLoader(ProceduralClips(_shapeedit_config(config)), sampler=sampler,
+                              persistent_workers=data.num_workers > 0, **common)
         return
 
-    from ..data.shards import ShapeEditShards
+    from ..data.shards import ShapeEditShards, resolve_shards
 
-    # Shard streams resume with a fresh shuffle (epoch = samples already consumed), not mid-shard.
-    epoch = consumed
+    check_shard_count(len(resolve_shards(data.source)), world, data.num_workers, data.source)
+    # Shard streams resume with a fresh shuffle (epoch = samples already consumed, folded with the
+    # stage), not mid-shard.
+    epoch = consumed + stage * 1_000_003
     while True:
         dataset = ShapeEditShards(data.source, shuffle=True, seed=config.train.seed, process_index=rank, num_processes=world)
         dataset.set_epoch(epoch)
         produced = 0
-        for batch in DataLoader(dataset, **{**common, "persistent_workers": False}):
+        for batch in DataLoader(dataset, **common):
             produced += 1
             yield batch
         if not produced:
@@ -269,20 +312,16 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict) -> None:
 # Export
 
 
-def export_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transformer, ema: EMA | None,
-                    pipeline_dir: Path, summary: dict) -> Path:
-    """Write a LIVEditorPipeline folder (EMA weights when `ema` is given) atomically."""
+def build_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transformer, ema: EMA | None,
+                   dtype: torch.dtype):
+    """A LIVEditorPipeline on the CPU from copies of the modules (EMA weights when `ema` is given)."""
     from ..pipelines.pipeline_liveditor import LIVEditorPipeline, flow_unipc_scheduler
 
-    pipeline_dir = Path(pipeline_dir)
-    if pipeline_dir.exists() and not (pipeline_dir / "model_index.json").is_file():
-        raise LIVEditorError(f"{pipeline_dir} exists and is not a pipeline folder; refusing to replace it")
-    dtype = getattr(torch, config.export.dtype)
     text_encoder = copy.deepcopy(text_encoder).float().cpu()
     transformer = copy.deepcopy(transformer).float().cpu()
     if ema is not None:
         ema.copy_to({"text_encoder": text_encoder, "transformer": transformer})
-    pipeline = LIVEditorPipeline(
+    return LIVEditorPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.to(dtype),
         vae=copy.deepcopy(codec).cpu(),
@@ -295,14 +334,163 @@ def export_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transfo
         default_num_inference_steps=config.export.num_inference_steps,
         default_guidance_scale=config.export.guidance_scale,
     )
+
+
+# Weight files of at most this size, so that each stays under 16 MB (diffusers reads the index).
+MAX_SHARD_SIZE = "15MB"
+
+
+def export_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transformer, ema: EMA | None,
+                    pipeline_dir: Path, summary: dict) -> Path:
+    """Write a LIVEditorPipeline folder (EMA weights when `ema` is given) atomically."""
+    pipeline_dir = Path(pipeline_dir)
+    if pipeline_dir.exists() and not (pipeline_dir / "model_index.json").is_file():
+        raise LIVEditorError(f"{pipeline_dir} exists and is not a pipeline folder; refusing to replace it")
+    pipeline = build_pipeline(config, tokenizer, text_encoder, codec, transformer, ema, getattr(torch, config.export.dtype))
     pipeline_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pipeline_dir.with_name(f".{pipeline_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipeline.save_pretrained(str(tmp))
+    pipeline.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
     (tmp / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
     _replace_dir(tmp, pipeline_dir)
     return pipeline_dir
+
+
+def earlier_stages(pipeline_dir: Path) -> list[dict]:
+    """The training stages recorded in a pipeline folder's training.json (oldest first)."""
+    path = Path(pipeline_dir) / TRAINING_SUMMARY
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    if "stages" in record:
+        return list(record["stages"])
+    # Older folders: the last run at the top level, earlier ones under "previous_runs".
+    last = {k: v for k, v in record.items() if k != "previous_runs"}
+    return list(record.get("previous_runs", [])) + [last]
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def training_flops_per_clip(config: TrainConfig) -> float:
+    """Model FLOPs of one training clip (forward + backward = 3x forward; dense self-attention
+    counted in full, so ISA runs report dense-equivalent FLOP/s)."""
+    m, c = config.model, config.codec
+    grid = (config.data.frames // c.scale_factor_temporal // m.patch_size[0],
+            config.data.height // c.scale_factor_spatial // m.patch_size[1],
+            config.data.width // c.scale_factor_spatial // m.patch_size[2])
+    segment = math.prod(grid)
+    tokens = 2 * segment
+    inner = m.num_attention_heads * m.attention_head_dim
+    text = config.text.max_length
+    patch = 3 * c.scale_factor_spatial**2 * c.scale_factor_temporal * math.prod(m.patch_size)
+    per_layer = (tokens * (4 * inner * inner + 2 * inner * inner + 2 * inner * m.ffn_dim + inner)
+                 + 2 * tokens * tokens * inner + 2 * tokens * text * inner + 2 * text * inner * inner)
+    macs = m.num_layers * per_layer + tokens * patch * inner + segment * inner * patch
+    return 3 * 2 * float(macs)
+
+
+def edit_region_weights(source: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Loss weights `[B, 1, F', h, w]` on the latent grid: 1 + train.edit_loss_weight where any pixel
+    of the latent cell differs between input and target (after dilating the differing pixels by
+    train.edit_dilation), 1 elsewhere. `source`/`target`: uint8 `[B, F, H, W, 3]` on the device."""
+    differs = (source != target).any(dim=-1).float()  # [B, F, H, W]
+    d = config.train.edit_dilation
+    if d:
+        differs = torch.nn.functional.max_pool2d(differs, 2 * d + 1, stride=1, padding=d)
+    s, st = config.codec.scale_factor_spatial, config.codec.scale_factor_temporal
+    cells = torch.nn.functional.max_pool3d(differs[:, None], (st, s, s))
+    return 1.0 + config.train.edit_loss_weight * cells
+
+
+@dataclass
+class SampleRandomness:
+    """What flow matching draws for each sample, from that sample's own seed: noise level, noise and
+    whether its instruction is dropped (and for which null prompt). Per-sample seeds make a batch of
+    2 and two accumulated micro-batches of 1 identical, and a resumed run the same as an unbroken one."""
+
+    sigmas: torch.Tensor  # [B]
+    noise: torch.Tensor  # like x0
+    prompts: list[str]
+
+
+def sample_randomness(seeds, prompts: list[str], latent_shape, config: TrainConfig, device) -> SampleRandomness:
+    generator = torch.Generator(device=device)
+    u, noise = [], []
+    for seed in seeds:
+        generator.manual_seed(int(seed))
+        u.append(torch.rand(1, generator=generator, device=device))
+        noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
+    chosen = []
+    for seed, prompt in zip(seeds, prompts):
+        rng = np.random.default_rng(int(seed))
+        drop, which = rng.random() < config.text.drop_prob, int(rng.integers(len(NULL_PROMPTS)))
+        chosen.append(NULL_PROMPTS[which] if drop else prompt)
+    return SampleRandomness(shift_sigmas(torch.cat(u), config.train.flow_shift), torch.stack(noise), chosen)
+
+
+class TrainStep:
+    """The optimizer step of the loop (also timed by benchmarks/bench_train.py): flow-matching loss
+    on every micro-batch, accelerate's accumulation, gradient clipping, fused AdamW on CUDA, EMA.
+    Nothing in it waits for the GPU: the loss stays on the device."""
+
+    def __init__(self, config: TrainConfig, accelerator, tokenizer, text_encoder, codec, transformer):
+        self.config, self.accelerator, self.tokenizer, self.codec = config, accelerator, tokenizer, codec
+        device = accelerator.device
+        if config.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if config.train.compile:
+            # Regional compilation: one graph per block type, reused by every layer.
+            transformer.compile_repeated_blocks(fullgraph=True)
+        codec.to(device)
+        self.ema = EMA({"text_encoder": text_encoder, "transformer": transformer}, config.train.ema_decay).to(device)
+        optimizer = torch.optim.AdamW(
+            _param_groups([transformer, text_encoder], config.optim.weight_decay),
+            lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+            fused=device.type == "cuda",
+        )
+        self.transformer, self.text_encoder, self.optimizer = accelerator.prepare(transformer, text_encoder, optimizer)
+        accelerator.register_for_checkpointing(self.ema)
+        self.params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+
+    def loss(self, batch: dict, seeds) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch; `seeds`: one sample seed per clip."""
+        config, device = self.config, self.accelerator.device
+        source_u8 = batch["source"].to(device, non_blocking=True)
+        target_u8 = batch["target"].to(device, non_blocking=True)
+        with torch.no_grad():
+            context = self.codec.normalize(self.codec.encode(video_batch_to_model(source_u8, device)).latent_dist.mode())
+            x0 = self.codec.normalize(self.codec.encode(video_batch_to_model(target_u8, device)).latent_dist.mode())
+        draw = sample_randomness(seeds, list(batch["instruction"]), x0.shape[1:], config, device)
+        text = encode_instructions(self.tokenizer, self.text_encoder, draw.prompts, config.text.max_length)
+        x_t, velocity = flow_matching_pair(x0, draw.noise, draw.sigmas)
+        prediction = self.transformer(x_t, draw.sigmas * NUM_TRAIN_TIMESTEPS, text, context, return_dict=False)[0]
+        if config.train.edit_loss_weight > 0:
+            weights = edit_region_weights(source_u8, target_u8, config)
+            return torch.mean(weights * (prediction.float() - velocity.float()) ** 2)
+        return flow_matching_loss(prediction, velocity)
+
+    def __call__(self, micro_batches: list[tuple[dict, np.ndarray]], lr: float) -> torch.Tensor:
+        """One optimizer step over `micro_batches` [(batch, sample seeds)]; returns the summed
+        micro-batch losses (a device tensor)."""
+        accelerator = self.accelerator
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = None
+        for batch, seeds in micro_batches:
+            with accelerator.accumulate(self.transformer, self.text_encoder):
+                loss = self.loss(batch, seeds)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.config.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total = loss.detach() if total is None else total + loss.detach()
+        self.ema.update({"text_encoder": accelerator.unwrap_model(self.text_encoder),
+                         "transformer": accelerator.unwrap_model(self.transformer)})
+        return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +513,23 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def validate(config: TrainConfig, pipeline, device) -> dict:
+    """Success per family on `train.val_per_family` ShapeEdit `val` clips, ISA and dense, with the
+    pipeline folder's sampling defaults."""
+    from ..data.shapes import ShapeEditConfig
+    from ..eval.shapeedit import evaluate_shapeedit, pipeline_edit_fn
+
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    result = evaluate_shapeedit(
+        pipeline_edit_fn(pipeline, seed=0), per_family=config.train.val_per_family, split="val",
+        config=ShapeEditConfig(frames=config.data.frames, height=config.data.height, width=config.data.width),
+        progress=False,
+    )
+    return {family: {mode: round(entry[mode]["success_rate"], 1) for mode in ("isa", "dense")}
+            for family, entry in result["summary"].items()}
+
+
 def train(config: TrainConfig, resume: bool = True, progress: bool = True, export: bool = True) -> TrainResult:
     """Train (or continue training) the model the config describes; returns what was done."""
     from accelerate import Accelerator
@@ -342,61 +547,62 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    session_start = time.perf_counter()
 
     checkpoint = find_checkpoint(output_dir) if resume else None
     state = json.loads((checkpoint / TRAINER_STATE).read_text()) if checkpoint else {}
     init = None
     if state:
         latents_mean, latents_std = state["latents_mean"], state["latents_std"]
+        stages, start_step = state.get("stages", []), int(state.get("start_step", 0))
     elif t_cfg.init_from:
         init = _load_init_pipeline(Path(t_cfg.init_from))
         latents_mean, latents_std = init["latents_mean"], init["latents_std"]
+        stages = earlier_stages(Path(t_cfg.init_from))
+        start_step = 0
+        if t_cfg.schedule == "continue" and stages:
+            start_step = int(stages[-1].get("global_step", stages[-1].get("steps", 0)))
     else:
         latents_mean, latents_std = estimate_latent_statistics(config)
+        stages, start_step = [], 0
+    stage = len(stages)  # folds into every seed: a new stage never replays an earlier one's data or noise
 
     set_seed(t_cfg.seed)  # same initial weights on every process
     tokenizer, text_encoder, codec, transformer = build_components(config, latents_mean, latents_std)
     if init is not None:
         _copy_weights(init["text_encoder"], text_encoder, "text_encoder", t_cfg.init_from)
         _copy_weights(init["transformer"], transformer, "transformer", t_cfg.init_from)
-    if t_cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    codec.to(device)
-    ema = EMA({"text_encoder": text_encoder, "transformer": transformer}, t_cfg.ema_decay).to(device)
-    optimizer = torch.optim.AdamW(
-        _param_groups([transformer, text_encoder], config.optim.weight_decay),
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-    )
-    transformer, text_encoder, optimizer = accelerator.prepare(transformer, text_encoder, optimizer)
-    accelerator.register_for_checkpointing(ema)
+    step_fn = TrainStep(config, accelerator, tokenizer, text_encoder, codec, transformer)
+    transformer, text_encoder, ema = step_fn.transformer, step_fn.text_encoder, step_fn.ema
 
-    step = int(state.get("step", 0))
+    step = int(state.get("step", start_step))
     elapsed = float(state.get("train_time_s", 0.0))
     if checkpoint:
         accelerator.load_state(str(checkpoint))
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", checkpoint, step)
-    else:  # different noise per process; a resumed run has every process's RNG state back
-        set_seed(t_cfg.seed + 1000 * rank)
 
-    samples_per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * world
-    batches = _batches(config, rank, world, step * t_cfg.batch_size * t_cfg.grad_accum_steps, device.type == "cuda")
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters())
-    n_text = sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters())
+    per_process_step = t_cfg.batch_size * t_cfg.grad_accum_steps
+    samples_per_step = per_process_step * world
+    consumed = (step - start_step) * per_process_step  # this process's samples so far in this stage
+    batches = _batches(config, stage, rank, world, consumed, device.type == "cuda")
+    flops_per_clip = training_flops_per_clip(config)
     run_info = {
         "device": _device_name(device),
         "processes": world,
         "mixed_precision": mixed,
         "attention": config.model.attention,
-        "transformer_params": n_params,
-        "text_encoder_params": n_text,
+        "isa_config": dict(config.model.isa),
+        "compile": t_cfg.compile,
+        "transformer_params": sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters()),
+        "text_encoder_params": sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters()),
         "tokens_per_clip": 2 * math.prod(
             (config.data.frames // config.codec.scale_factor_temporal // config.model.patch_size[0],
              config.data.height // config.codec.scale_factor_spatial // config.model.patch_size[1],
              config.data.width // config.codec.scale_factor_spatial // config.model.patch_size[2])
         ),
+        "training_gflop_per_clip": round(flops_per_clip / 1e9, 2),
+        "stage": stage,
     }
     log_path = output_dir / LOG_FILE
     if accelerator.is_main_process:
@@ -404,8 +610,23 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         with open(log_path, "a") as log:
             log.write(json.dumps({"event": "start", "step": step, **run_info, "config": config.to_dict()}) + "\n")
 
-    def time_left() -> bool:
-        return t_cfg.max_time_s <= 0 or elapsed < t_cfg.max_time_s
+    def keep_going() -> bool:
+        if t_cfg.max_time_s > 0 and elapsed >= t_cfg.max_time_s:
+            return False
+        return not (t_cfg.session_time_s > 0 and time.perf_counter() - session_start >= t_cfg.session_time_s)
+
+    def stage_summary() -> dict:
+        return {**run_info, "steps": step - start_step, "global_step": step,
+                "samples": (step - start_step) * samples_per_step, "train_time_s": round(elapsed, 1),
+                "last_loss": last_loss, "clips_per_s": round((step - start_step) * samples_per_step / max(elapsed, 1e-9), 2),
+                "batch_size": samples_per_step, "init_from": t_cfg.init_from or None, "schedule": t_cfg.schedule,
+                "ema_decay": t_cfg.ema_decay, "edit_loss_weight": t_cfg.edit_loss_weight, "lr": config.optim.lr,
+                "validation": val_history[-1] if val_history else None}
+
+    def trainer_state() -> dict:
+        return {"step": step, "start_step": start_step, "samples": (step - start_step) * samples_per_step,
+                "train_time_s": elapsed, "latents_mean": latents_mean, "latents_std": latents_std,
+                "stages": stages, "val_history": val_history}
 
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
@@ -414,33 +635,24 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     window_start, window_samples = time.perf_counter(), 0
     data_wait = 0.0  # seconds this window spent waiting for the data loader
     last_loss = float("nan")
+    val_history = list(state.get("val_history", []))
     transformer.train()
     text_encoder.train()
     try:
-        while step < t_cfg.max_steps and time_left():
+        while step < t_cfg.max_steps and keep_going():
             step_start = time.perf_counter()
-            lr = learning_rate(config, step, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            micro_batches = []
             for micro in range(t_cfg.grad_accum_steps):
-                # Instruction dropout from (seed, process, step, micro-batch): identical after a resume.
-                drop_rng = np.random.default_rng([t_cfg.seed, rank, step, micro])
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
-                with accelerator.accumulate(transformer, text_encoder):
-                    loss = _step_loss(config, batch, tokenizer, text_encoder, codec, transformer, device, drop_rng)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                        accelerator.clip_grad_norm_(
-                            list(transformer.parameters()) + list(text_encoder.parameters()), config.optim.grad_clip
-                        )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                loss_count += 1
-            ema.update({"text_encoder": accelerator.unwrap_model(text_encoder),
-                        "transformer": accelerator.unwrap_model(transformer)})
+                first = consumed + micro * t_cfg.batch_size
+                seeds = stream_seeds(t_cfg.seed, stage, rank, SAMPLE_SEEDS, range(first, first + t_cfg.batch_size))
+                micro_batches.append((batch, seeds))
+            lr = learning_rate(config, step, elapsed)
+            loss_sum += step_fn(micro_batches, lr)
+            loss_count += t_cfg.grad_accum_steps
+            consumed += per_process_step
             step += 1
             elapsed += time.perf_counter() - step_start
             window_samples += samples_per_step
@@ -448,39 +660,54 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
 
             if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
                 last_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
-                rate = window_samples / (time.perf_counter() - window_start)
+                seconds = time.perf_counter() - window_start
+                rate = window_samples / seconds
                 if accelerator.is_main_process:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
                     with open(log_path, "a") as log:
-                        log.write(json.dumps({"step": step, "loss": last_loss, "lr": lr, "clips_per_s": rate,
-                                              "data_wait_s": data_wait, "train_time_s": elapsed}) + "\n")
+                        log.write(json.dumps({"step": step, "loss": last_loss, "lr": lr, "clips_per_s": round(rate, 1),
+                                              "tflop_per_s": round(rate * flops_per_clip / 1e12, 1),
+                                              "data_wait_s": round(data_wait, 3), "window_s": round(seconds, 3),
+                                              "train_time_s": round(elapsed, 1)}) + "\n")
                 loss_sum.zero_()
                 loss_count = 0
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
 
-            if step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps and time_left():
-                _save_checkpoint(accelerator, output_dir, _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std))
+            if t_cfg.val_every and step % t_cfg.val_every == 0:
+                if accelerator.is_main_process:
+                    pipe = build_pipeline(config, tokenizer, accelerator.unwrap_model(text_encoder), codec,
+                                          accelerator.unwrap_model(transformer), ema,
+                                          getattr(torch, config.export.dtype) if device.type == "cuda" else torch.float32)
+                    scores = {"step": step, **validate(config, pipe, device)}
+                    val_history.append(scores)
+                    with open(log_path, "a") as log:
+                        log.write(json.dumps({"event": "val", **scores}) + "\n")
+                    del pipe
+                accelerator.wait_for_everyone()
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+
+            if step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps and keep_going():
+                _save_checkpoint(accelerator, output_dir, trainer_state())
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     finally:
         bar.close()
 
-    state = _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std)
-    _save_checkpoint(accelerator, output_dir, state)
     if loss_count:  # steps since the last log line
         last_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
-    summary = {**run_info, "steps": step, "samples": step * samples_per_step, "train_time_s": round(elapsed, 1),
-               "last_loss": last_loss, "clips_per_s": round(step * samples_per_step / max(elapsed, 1e-9), 2),
-               "batch_size": samples_per_step, "init_from": t_cfg.init_from or None}
+    _save_checkpoint(accelerator, output_dir, trainer_state())
+    summary = stage_summary()
+    record = {**summary, "stages": stages + [summary]}
     pipeline_dir = None
     if export and accelerator.is_main_process:
         pipeline_dir = Path(config.export.pipeline_dir) if config.export.pipeline_dir else output_dir / "pipeline"
         export_pipeline(config, tokenizer, accelerator.unwrap_model(text_encoder), codec,
-                        accelerator.unwrap_model(transformer), ema, pipeline_dir, summary)
+                        accelerator.unwrap_model(transformer), ema, pipeline_dir, record)
         with open(log_path, "a") as log:
             log.write(json.dumps({"event": "end", **summary, "pipeline_dir": str(pipeline_dir)}) + "\n")
         logger.info("training done: %s", json.dumps(summary))
     accelerator.wait_for_everyone()
-    return TrainResult(step, step * samples_per_step, elapsed, last_loss, summary["clips_per_s"], output_dir, pipeline_dir)
+    return TrainResult(step, (step - start_step) * samples_per_step, elapsed, last_loss, summary["clips_per_s"],
+                       output_dir, pipeline_dir)
 
 
 def _load_init_pipeline(path: Path) -> dict:
@@ -512,27 +739,3 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module, name: str, w
             f"({len(mismatched)} tensors differ, e.g. {mismatched[0]})"
         )
     target.load_state_dict({k: theirs[k].float() for k in ours})
-
-
-def _trainer_state(step, elapsed, samples_per_step, latents_mean, latents_std) -> dict:
-    return {"step": step, "samples": step * samples_per_step, "train_time_s": elapsed,
-            "latents_mean": latents_mean, "latents_std": latents_std}
-
-
-def _step_loss(config, batch, tokenizer, text_encoder, codec, transformer, device, drop_rng) -> torch.Tensor:
-    """The flow-matching loss of one batch."""
-    source = video_batch_to_model(batch["source"], device)
-    target = video_batch_to_model(batch["target"], device)
-    with torch.no_grad():
-        context = codec.normalize(codec.encode(source).latent_dist.mode())
-        x0 = codec.normalize(codec.encode(target).latent_dist.mode())
-    n = len(batch["instruction"])
-    drop = drop_rng.random(n) < config.text.drop_prob
-    null = drop_rng.integers(len(NULL_PROMPTS), size=n)
-    prompts = [NULL_PROMPTS[k] if d else p for p, d, k in zip(batch["instruction"], drop, null)]
-    text = encode_instructions(tokenizer, text_encoder, prompts, config.text.max_length)
-    sigmas = sample_sigmas(x0.shape[0], config.train.flow_shift, device=device)
-    noise = torch.randn_like(x0)
-    x_t, velocity = flow_matching_pair(x0, noise, sigmas)
-    prediction = transformer(x_t, sigmas * NUM_TRAIN_TIMESTEPS, text, context, return_dict=False)[0]
-    return flow_matching_loss(prediction, velocity)

@@ -1,0 +1,183 @@
+"""Training throughput of the tiny LIVEditor: clips/s and model TFLOP/s of the training loop's own
+optimizer step (`liveditor.training.loop.TrainStep`: codec, text encoder, flow-matching loss,
+backward, clipping, fused AdamW, EMA), eager vs regional `torch.compile`, dense vs ISA attention,
+for several batch sizes, in one run. Also the CPU data loader's clips/s with the loop's settings.
+
+The step is timed on a pool of pre-rendered clips (so the numbers are the model's, not the
+loader's); the loader is timed on its own. FLOPs count dense attention in full (ISA rows are
+dense-equivalent rates).
+
+    python benchmarks/bench_train.py --json bench_train.json
+    python benchmarks/bench_train.py --batch-sizes 2 --compile off --steps 2 --warmup 1 --device cpu   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liveditor.training import build_components, load_config
+from liveditor.training.loop import (
+    CLIP_SEEDS,
+    SAMPLE_SEEDS,
+    ProceduralClips,
+    SeedStream,
+    TrainStep,
+    _batches,
+    _shapeedit_config,
+    estimate_latent_statistics,
+    stream_seeds,
+    training_flops_per_clip,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def render_pool(config, clips: int, workers: int) -> list[dict]:
+    """`clips` training clips, rendered by a pool of processes."""
+    from torch.utils.data import DataLoader
+
+    seeds = stream_seeds(config.train.seed, 0, 0, CLIP_SEEDS, range(clips)).tolist()
+    loader = DataLoader(ProceduralClips(_shapeedit_config(config)), sampler=seeds, batch_size=None,
+                        num_workers=workers)
+    return list(loader)
+
+
+def batch_of(pool: list[dict], start: int, size: int) -> dict:
+    items = [pool[(start + i) % len(pool)] for i in range(size)]
+    return {"source": torch.stack([x["source"] for x in items]), "target": torch.stack([x["target"] for x in items]),
+            "instruction": [x["instruction"] for x in items]}
+
+
+def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict:
+    """Seconds per optimizer step of a fresh model with this config (after `warmup` steps)."""
+    device = accelerator.device
+    torch.manual_seed(0)
+    tokenizer, text_encoder, codec, transformer = build_components(config, *stats)
+    step_fn = TrainStep(config, accelerator, tokenizer, text_encoder, codec, transformer)
+    size = config.train.batch_size
+    batches = [(batch_of(pool, i * size, size), stream_seeds(0, 0, 0, SAMPLE_SEEDS, range(i * size, (i + 1) * size)))
+               for i in range(4)]
+    start = time.perf_counter()
+    for i in range(warmup):
+        loss = step_fn([batches[i % 4]], 1e-4)
+    loss.item()
+    first = time.perf_counter() - start  # includes compilation
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step_fn([batches[i % 4]], 1e-4)
+    loss.item()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del step_fn, transformer, text_encoder
+    accelerator.free_memory()
+    return {"step_s": seconds, "warmup_s": first, "loss": float(loss), "peak_gib": peak}
+
+
+def time_loader(config, seconds: float) -> dict:
+    """Clips/s of the loop's data loader (config.data.num_workers processes) over `seconds`."""
+    batches = _batches(config, 0, 0, 1, 0, pin_memory=torch.cuda.is_available())
+    next(batches)  # workers started
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        count += len(next(batches)["instruction"])
+    return {"workers": config.data.num_workers, "clips_per_s": count / (time.perf_counter() - start)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny-shapeedit.toml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--attention", nargs="+", choices=("dense", "isa"), default=["dense", "isa"])
+    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--loader-seconds", type=float, default=10.0, help="0 skips the data loader timing")
+    parser.add_argument("--pool", type=int, default=512, help="pre-rendered clips the steps cycle through")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    base = load_config(args.config, args.overrides + ["codec.stats_clips=8"])
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="no" if cpu else "bf16", cpu=cpu)
+    device = accelerator.device
+    stats = estimate_latent_statistics(base)
+    pool = render_pool(base, args.pool, base.data.num_workers)
+    flops = training_flops_per_clip(base)
+    rows = []
+    for attention in args.attention:
+        for compiled in args.compile:
+            for batch in args.batch_sizes:
+                config = load_config(args.config, args.overrides + [
+                    f'model.attention="{attention}"', f"train.compile={'true' if compiled == 'on' else 'false'}",
+                    f"train.batch_size={batch}"])
+                torch._dynamo.reset()
+                row = {"attention": attention, "compile": compiled, "batch": batch}
+                try:
+                    row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup))
+                    row["clips_per_s"] = batch / row["step_s"]
+                    row["tflop_per_s"] = row["clips_per_s"] * flops / 1e12
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    accelerator.free_memory()
+                except Exception as exc:  # a failed variant is a row of the table, not the end of the run
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    accelerator.free_memory()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    loader = time_loader(base, args.loader_seconds) if args.loader_seconds > 0 else None
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "commit": commit,
+        "config": args.config,
+        "overrides": args.overrides,
+        "tokens_per_clip": 2 * (base.data.frames // base.codec.scale_factor_temporal)
+        * (base.data.height // base.codec.scale_factor_spatial // 2) * (base.data.width // base.codec.scale_factor_spatial // 2),
+        "training_gflop_per_clip": flops / 1e9,
+        "isa_config": dict(base.model.isa),
+        "rows": rows,
+        "loader": loader,
+    }
+    print(f"\n{result['device']}, torch {result['torch']}, commit {commit}, {result['tokens_per_clip']} tokens/clip, "
+          f"{flops / 1e9:.0f} GFLOP per training clip")
+    print("| attention | compile | batch | clips/s | TFLOP/s | step ms | first steps s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['error']} | | | | |")
+        else:
+            print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['clips_per_s']:.0f} | {r['tflop_per_s']:.1f} "
+                  f"| {1e3 * r['step_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.1f} |")
+    if loader:
+        print(f"\ndata loader: {loader['clips_per_s']:.0f} clips/s with {loader['workers']} worker processes")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -130,7 +130,6 @@ def main(argv=None) -> dict:
                 config = load_config(args.config, args.overrides + [
                     f'model.attention="{attention}"', f"train.compile={'true' if compiled == 'on' else 'false'}",
                     f"train.batch_size={batch}"])
-                torch._dynamo.reset()
                 row = {"attention": attention, "compile": compiled, "batch": batch}
                 try:
                     row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup))
@@ -144,9 +143,15 @@ def main(argv=None) -> dict:
                     accelerator.free_memory()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.json_path:  # rows so far survive a run cut short
+                    Path(args.json_path).write_text(json.dumps({"rows": rows}, indent=2))
     loader = time_loader(base, args.loader_seconds) if args.loader_seconds > 0 else None
 
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git where it runs
+        commit = ""
     result = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -1,12 +1,14 @@
-"""Writes that never leave a half-written file or clobber the old one on failure.
+"""Writes that never leave a half-written file or folder, or clobber the old one on failure.
 
-Everything is written to a temporary file in the destination's folder and renamed into place.
+Everything is written to a temporary file (or folder) in the destination's folder and renamed
+into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +16,7 @@ from pathlib import Path
 
 def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Give a finished temporary file ordinary permissions (mkstemp makes it private) and rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
@@ -51,3 +51,46 @@ def write_json(path: str | os.PathLike, payload) -> None:
     with atomic_output(path, "w") as handle:
         json.dump(payload, handle, indent=2)
         handle.write("\n")
+
+
+def old_copy(path: str | os.PathLike) -> Path:
+    """Where `atomic_directory(..., replace=True)` keeps the previous folder during the swap."""
+    path = Path(path)
+    return path.with_name(path.name + ".old")
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, replace: bool = False):
+    """Build a folder in a temporary sibling and rename it onto ``path`` only if the block succeeds.
+
+    With ``replace=False`` an existing ``path`` is an error (checked again at the rename). With
+    ``replace=True`` the old folder is swapped out: at every moment either ``path`` or
+    ``old_copy(path)`` is a complete folder, and the old one is deleted once the new one is in place.
+    On failure the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = old_copy(path)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old_copy(path), ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

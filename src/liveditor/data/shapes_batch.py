@@ -32,7 +32,8 @@ on the row; polygon edges give one crossing per row), objects of one shape acros
 are tested together, and frames are a tensor dimension. The Python work per batch is a loop over
 the four shapes and the object slots, not over clips or pixels. `render_scenes` synchronises with
 the device once per batch (to find the few clips whose edit is invisible and redraw them, as the
-reference does).
+reference does); on CUDA it renders on its own stream, so that sync does not wait for training
+work queued before it, and the caller's stream waits for the clips.
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ class ShapeEditBatchRenderer:
             "triangle": self._edges(TRIANGLE_POLYGON),
             "star": self._edges(STAR_POLYGON),
         }
+        # On CUDA, rendering runs on its own stream: its one host sync per batch then waits for
+        # the rendering only, not for training work queued on the caller's stream.
+        self._stream = None
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the tables above
 
     def _edges(self, polygon: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
         """Per edge ``(x1, y1, x2 - x1, y2 - y1, y2)``, float64 like the reference's numpy scalars."""
@@ -219,6 +226,19 @@ class ShapeEditBatchRenderer:
         their candidates (copies: ``scenes`` stays as it was)."""
         if scenes.config != self.config:
             raise ValueError(f"scene batch drawn for {scenes.config}, renderer is for {self.config}")
+        if self._stream is None:
+            return self._render_scenes(scenes)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            batch = self._render_scenes(scenes)
+        # The caller's stream uses the clips: it waits for the rendering, and the allocator keeps
+        # their memory until the caller's work on them is done.
+        caller.wait_stream(self._stream)
+        batch.source.record_stream(caller)
+        batch.target.record_stream(caller)
+        return batch
+
+    def _render_scenes(self, scenes: SceneBatch) -> ShapeEditBatch:
         B = len(scenes.seeds)
         video = self._render(scenes.scenes)
         source, target = video[:B], video[B:]

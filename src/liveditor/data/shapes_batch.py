@@ -188,15 +188,15 @@ class ShapeEditBatchRenderer:
     def __init__(self, config: ShapeEditConfig | None = None, device="cpu"):
         self.config = ShapeEditConfig() if config is None else config
         self.device = torch.device(device)
-        F, H, W = self.config.frames, self.config.height, self.config.width
+        H, W = self.config.height, self.config.width
         f64 = dict(dtype=torch.float64, device=self.device)
         self._column_centres = torch.arange(W, **f64) + 0.5
         self._row_centres = torch.arange(H, **f64) + 0.5
         self._backgrounds = torch.from_numpy(
             _pack_rgb(np.stack([render_background(style, color, H, W) for style, color in _BACKGROUND_INDEX]))
         ).to(self.device)  # [24, H, W] packed RGB
-        # Polygon edges (x1, y1, x2 - x1, y2 - y1), as device tensors: a CUDA division by a CPU
-        # scalar multiplies by its reciprocal, which would round differently from numpy.
+        # Polygon edges as device tensors: a CUDA division by a CPU scalar multiplies by its
+        # reciprocal, which would round differently from numpy.
         self._polygons = {
             "triangle": self._edges(TRIANGLE_POLYGON),
             "star": self._edges(STAR_POLYGON),

@@ -208,12 +208,12 @@ class ShapeEditBatchRenderer:
             self._stream = torch.cuda.Stream(self.device)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the tables above
 
-    def _edges(self, polygon: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
-        """Per edge ``(x1, y1, x2 - x1, y2 - y1, y2)``, float64 like the reference's numpy scalars."""
+    def _edges(self, polygon: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """``(x1, y1, x2 - x1, y2 - y1, y2)``, each float64 ``[E]`` over the polygon's edges (as
+        the reference computes them, in numpy float64)."""
         following = np.roll(polygon, -1, axis=0)
         x1, y1, x2, y2 = polygon[:, 0], polygon[:, 1], following[:, 0], following[:, 1]
-        rows = torch.from_numpy(np.stack([x1, y1, x2 - x1, y2 - y1, y2], axis=1)).to(self.device)
-        return [tuple(row.unbind()) for row in rows]
+        return tuple(torch.from_numpy(np.stack([x1, y1, x2 - x1, y2 - y1, y2])).to(self.device).unbind())
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -280,15 +280,14 @@ class ShapeEditBatchRenderer:
             objects = np.flatnonzero(flat_shape == shape_index)  # at most one per scene
             if objects.size == 0:
                 continue
-            objects_t = torch.from_numpy(objects).to(dev)
-            centres = track.index_select(0, objects_t)  # [n, F, 2]
-            r = radius.index_select(0, objects_t)  # [n, 1, 1], a device tensor (see _edges)
+            flat_index, scene, slot = torch.from_numpy(np.stack([objects, objects // S, objects % S + 1])).to(dev)
+            centres = track.index_select(0, flat_index)  # [n, F, 2]
+            r = radius.index_select(0, flat_index)  # [n, 1, 1], a device tensor (see __init__)
             dx = ((self._column_centres - centres[..., 0:1]) / r)[:, :, None, :]  # [n, F, 1, W]
             dy = ((self._row_centres - centres[..., 1:2]) / r)[:, :, :, None]  # [n, F, H, 1]
             inside = self._inside(name, dx, dy)
-            scene = torch.from_numpy(objects // S).to(dev)
-            slot = torch.from_numpy((objects % S + 1).astype(np.uint8)).to(dev).view(-1, 1, 1, 1)
             # Slots are drawn in order, so the topmost object has the highest slot.
+            slot = slot.to(torch.uint8).view(-1, 1, 1, 1)
             ids.index_copy_(0, scene, torch.maximum(ids.index_select(0, scene), inside * slot))
         palette = torch.from_numpy(_pack_rgb(packed["color"])).to(dev)  # [N, S]
         palette = torch.cat([torch.zeros_like(palette[:, :1]), palette], dim=1)  # slot 0: background
@@ -303,12 +302,14 @@ class ShapeEditBatchRenderer:
         if name == "square":
             return (dx.abs() <= SQUARE_HALF_SIDE) & (dy.abs() <= SQUARE_HALF_SIDE)
         py = dy - TRIANGLE_DROP if name == "triangle" else dy
-        inside = torch.zeros(torch.broadcast_shapes(dx.shape, py.shape), dtype=torch.bool, device=self.device)
-        for x1, y1, x_span, y_span, y2 in self._polygons[name]:
-            # Even-odd rule: a row crosses the edge once; pixels left of the crossing flip.
-            crosses = (y1 > py) != (y2 > py)
-            x_at = torch.where(crosses, x1 + (py - y1) * x_span / y_span, -torch.inf)
-            inside ^= dx < x_at
+        x1, y1, x_span, y_span, y2 = self._polygons[name]
+        # Even-odd rule: a row crosses an edge at most once, at x_at [n, F, H, E]; the pixels left
+        # of each crossing flip.
+        crosses = (y1 > py) != (y2 > py)
+        x_at = torch.where(crosses, x1 + (py - y1) * x_span / y_span, -torch.inf)
+        inside = dx < x_at[..., :1]
+        for edge in range(1, x_at.shape[-1]):
+            inside ^= dx < x_at[..., edge : edge + 1]
         return inside
 
     def _visible(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

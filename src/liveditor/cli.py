@@ -164,7 +164,8 @@ def _add_make_data(subparsers) -> None:
         description="Generate procedural ShapeEdit edit pairs (exact targets) into tar shards plus an "
         "index.json manifest. Deterministic: clip SEED of a split is always the same.",
     )
-    p.add_argument("-o", "--output", required=True, help="output folder (must not hold a dataset unless --overwrite)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: new, empty, or a dataset to replace with --overwrite")
     p.add_argument("-n", "--num-examples", type=int, required=True, help="number of clips")
     p.add_argument("--split", choices=("train", "val", "test"), default="train")
     p.add_argument("--start-seed", type=int, default=0, help="seed of the first clip")
@@ -174,7 +175,8 @@ def _add_make_data(subparsers) -> None:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in the folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in the folder (swapped in once the new one is complete)")
 
     def handler(args):
         from .data.shapes import ShapeEditConfig

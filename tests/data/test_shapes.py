@@ -1,4 +1,5 @@
-import random
+import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -15,21 +16,23 @@ from liveditor.data.shapes import (
     check_instruction,
     generate_example,
     instruction_words,
+    object_radius,
     object_track,
     render_background,
+    render_scene,
     shape_mask,
 )
 from liveditor.errors import LIVEditorError
 
-SEEDS = random.Random().sample(range(100_000), 4)
+SEEDS = (52_817, 3_091, 77_450, 16_334)  # fixed: a failure reproduces
 
 
 def _has_color(video, rgb):
     return np.all(video == np.array(rgb, dtype=np.uint8), axis=-1)
 
 
-def test_deterministic_per_seed_and_split():
-    seed = SEEDS[0]
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_deterministic_per_seed_and_split(seed):
     a, b = generate_example(seed, "train"), generate_example(seed, "train")
     assert np.array_equal(a.source, b.source) and np.array_equal(a.target, b.target)
     assert a.instruction == b.instruction and a.metadata == b.metadata
@@ -43,24 +46,24 @@ def test_splits_do_not_share_clips():
     assert len(train) == 20 and not train & test
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_is_exact_and_local(family):
-    for seed in SEEDS:
-        ex = generate_example(seed, "val", family)
-        F, H, W = 16, 64, 64
-        assert ex.source.shape == ex.target.shape == (F, H, W, 3) and ex.source.dtype == np.uint8
-        assert ex.object_mask.shape == ex.edit_mask.shape == (F, H, W)
-        assert ex.family == family
-        # The edit changes something visible, and nothing outside the edited thing.
-        assert ex.edit_mask.sum() >= shapes.MIN_EDIT_PIXELS
-        assert np.array_equal(ex.edit_mask, np.any(ex.source != ex.target, axis=-1))
-        assert not np.any(ex.edit_mask & ~ex.object_mask)
-        assert set(instruction_words(ex.instruction)) <= set(KNOWN_VOCABULARY)
-        assert check_instruction(ex.instruction).in_domain
+def test_every_family_is_exact_and_local(family, seed):
+    ex = generate_example(seed, "val", family)
+    F, H, W = 16, 64, 64
+    assert ex.source.shape == ex.target.shape == (F, H, W, 3) and ex.source.dtype == np.uint8
+    assert ex.object_mask.shape == ex.edit_mask.shape == (F, H, W)
+    assert ex.family == family
+    # The edit changes something visible, and nothing outside the edited thing.
+    assert ex.edit_mask.sum() >= shapes.MIN_EDIT_PIXELS
+    assert np.array_equal(ex.edit_mask, np.any(ex.source != ex.target, axis=-1))
+    assert not np.any(ex.edit_mask & ~ex.object_mask)
+    assert set(instruction_words(ex.instruction)) <= set(KNOWN_VOCABULARY)
+    assert check_instruction(ex.instruction).in_domain, f"seed {seed}"
 
 
-def test_family_semantics():
-    seed = SEEDS[1]
+@pytest.mark.parametrize("seed", SEEDS[1:3])
+def test_family_semantics(seed):
     ex = generate_example(seed, "train", "remove")
     removed = ex.metadata["source_scene"]["objects"][ex.metadata["edit"]["object"]]
     assert f"{removed['color']} {removed['shape']}" in ex.instruction
@@ -108,8 +111,9 @@ def test_objects_have_unique_shapes_and_colours():
         assert scene["background_color"] in BACKGROUND_COLORS
 
 
-def test_tracks_bounce_inside_the_frame():
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tracks_bounce_inside_the_frame(seed):
+    rng = np.random.default_rng(seed)
     config = ShapeEditConfig(frames=64)
     for _ in range(20):
         obj = ShapeObject("circle", "red", "large", *rng.uniform(12, 52, 2), *rng.uniform(-9, 9, 2))
@@ -119,7 +123,7 @@ def test_tracks_bounce_inside_the_frame():
         assert np.allclose(track[0], [obj.x, obj.y])
         # Between bounces it moves at its speed: a step is never longer than |v|.
         steps = np.abs(np.diff(track, axis=0))
-        assert np.all(steps <= np.abs([obj.vx, obj.vy]) + 1e-9)
+        assert np.all(steps <= np.abs([obj.vx, obj.vy]) + 1e-9), f"seed {seed}"
 
 
 def test_shapes_are_distinct_and_comparable_in_area():
@@ -132,9 +136,10 @@ def test_shapes_are_distinct_and_comparable_in_area():
                 assert (masks[a] ^ masks[b]).sum() > 20
 
 
-def test_configurable_geometry():
+@pytest.mark.parametrize("seed", SEEDS[2:])
+def test_configurable_geometry(seed):
     config = ShapeEditConfig(frames=5, height=32, width=48, max_objects=2)
-    ex = generate_example(SEEDS[2], "train", config=config)
+    ex = generate_example(seed, "train", config=config)
     assert ex.source.shape == (5, 32, 48, 3)
     assert len(ex.metadata["source_scene"]["objects"]) <= 2
 
@@ -164,3 +169,74 @@ def test_bad_arguments():
         generate_example(0, "train", "rotate")
     with pytest.raises(ValueError, match="seed"):
         generate_example(-1)
+
+
+def _render_pixel_by_pixel(scene, config):
+    """The renderer as first written: every pixel of every frame tested on its own (the
+    definition `render_scene`'s row-wise tests must reproduce exactly)."""
+    F, H, W = config.frames, config.height, config.width
+    video = np.broadcast_to(render_background(scene.background_style, scene.background_color, H, W), (F, H, W, 3)).copy()
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
+    for obj in scene.objects:
+        track = object_track(obj, config)
+        r = object_radius(obj.size, config)
+        for f in range(F):
+            dx, dy = (xs + 0.5 - track[f, 0]) / r, (ys + 0.5 - track[f, 1]) / r
+            if obj.shape == "circle":
+                inside = dx * dx + dy * dy <= 1.0
+            elif obj.shape == "square":
+                inside = np.maximum(np.abs(dx), np.abs(dy)) <= 0.82
+            else:
+                poly = shapes.TRIANGLE_POLYGON if obj.shape == "triangle" else shapes.STAR_POLYGON
+                py = dy - 0.15 if obj.shape == "triangle" else dy
+                inside = np.zeros((H, W), dtype=bool)
+                for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, axis=0)):
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        x_at = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
+                    inside ^= ((y1 > py) != (y2 > py)) & (dx < x_at)
+            video[f][inside] = OBJECT_COLORS[obj.color]
+    return video
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_render_scene_equals_pixel_by_pixel_rendering(seed):
+    for config in (ShapeEditConfig(), ShapeEditConfig(frames=5, height=32, width=48, max_objects=2)):
+        for family in FAMILIES:
+            meta = generate_example(seed, "train", family, config).metadata
+            for key in ("source_scene", "target_scene"):
+                scene = shapes.Scene(
+                    meta[key]["background_style"],
+                    meta[key]["background_color"],
+                    [ShapeObject(**o) for o in meta[key]["objects"]],
+                )
+                video, _ = render_scene(scene, config)
+                assert np.array_equal(video, _render_pixel_by_pixel(scene, config)), f"seed {seed} {family} {key}"
+
+
+# sha256 of (source, target, object mask, instruction, metadata) as of commit db056d8: the
+# held-out benchmark and every dataset depend on a seed always giving the same clip, so speed-ups
+# of the renderer or the sampler must not change a pixel or a draw.
+RECORDED_DIGESTS = {
+    ("train", 0): "43ca896ee6e8dc4d1ffaf489e828e8e40204c384a29387bf9307827da5bf4089",
+    ("train", 1): "101884f538d9fd61da85ef3c1c111e20792660d4c3f72128718a74f7749f48b8",
+    ("train", 2): "be0710b739ec541c8fe3b289fe34d5f8caaa243284d46d818b1400f480cfa032",
+    ("train", 3): "98d58aa61ac36f98dfcddc7c26afca334dc10b035db906e5fab9615280932541",
+    ("train", 4): "5ea13013b9aeea9bd32332d610e5b69ad0084ec292b5674e048ea3b19ae49df2",
+    ("train", 5): "4724dbf61b8e1475bc1e6db1e2a646e7126c685b92b3aaf5dae594066c81e3f5",
+    ("test", 6): "854965d32fab255b074e8e611d17f25f8cbdab0ca2cc5b4011c542ece11bdeab",
+    ("test", 7): "b2ccceb36142cc7e4b6f86a08191fe585a629b73f15f997cdd6904335b24c904",
+    ("test", 8): "bd5266925bea51c38fdef0f61453a12fee55abeb072202d3db1a34080f4b41ff",
+    ("test", 9): "870b9d1df51ab9645488b586af691d4a0a00cce8a9760169917d1e63792a4ab5",
+    ("test", 10): "cebec3c62dcdf3ff445337869693088b1ccee6218b79513b23b55d8b4b7ee949",
+    ("test", 11): "98f8fb38e77688f4e3cee02fe278588170ce5a7f5cc445b717b10cfc36e80dd8",
+}
+
+
+@pytest.mark.parametrize("split, seed", sorted(RECORDED_DIGESTS))
+def test_clips_are_the_recorded_ones(split, seed):
+    ex = generate_example(seed, split)
+    payload = (
+        ex.source.tobytes() + ex.target.tobytes() + ex.object_mask.tobytes() + ex.instruction.encode()
+        + json.dumps(ex.metadata, sort_keys=True).encode()
+    )
+    assert hashlib.sha256(payload).hexdigest() == RECORDED_DIGESTS[split, seed], f"{split} seed {seed}"

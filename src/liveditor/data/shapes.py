@@ -25,9 +25,9 @@ independent random streams, so the held-out split never repeats a training clip.
 
 from __future__ import annotations
 
-import copy
+import functools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -133,6 +133,7 @@ BACKGROUND_PHRASES = {
 }
 
 MIN_EDIT_PIXELS = 24  # an edit must change at least this many non-edge pixels over the clip
+EDGE_TOLERANCE = 8  # a pixel is on an edge when its 3x3 neighbourhood spans more than this
 
 
 def instruction_words(text: str) -> list[str]:
@@ -267,7 +268,8 @@ class ShapeEditExample:
 # Rendering
 
 
-def _radius(size: str, config: ShapeEditConfig) -> float:
+def object_radius(size: str, config: ShapeEditConfig) -> float:
+    """An object's radius in pixels."""
     return SIZES[size] * min(config.height, config.width)
 
 
@@ -277,13 +279,16 @@ def _star_polygon(points: int = 5, inner: float = 0.45) -> np.ndarray:
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
 
 
-_TRIANGLE = np.array([[0.0, -1.0], [np.sqrt(3) / 2, 0.5], [-np.sqrt(3) / 2, 0.5]])
-_STAR = _star_polygon()
+# Shape outlines in units of the radius, as tested by `shape_mask` (and the batched renderer).
+SQUARE_HALF_SIDE = 0.82
+TRIANGLE_DROP = 0.15  # the triangle's centroid sits this far below the object centre
+TRIANGLE_POLYGON = np.array([[0.0, -1.0], [np.sqrt(3) / 2, 0.5], [-np.sqrt(3) / 2, 0.5]]) * 1.15
+STAR_POLYGON = _star_polygon() * 1.1
 
 
 def _inside_polygon(px: np.ndarray, py: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Even-odd rule point-in-polygon test, vectorised over pixels."""
-    inside = np.zeros(px.shape, dtype=bool)
+    """Even-odd rule point-in-polygon test, vectorised over pixels (``px``, ``py`` broadcast)."""
+    inside = np.zeros(np.broadcast_shapes(px.shape, py.shape), dtype=bool)
     n = len(poly)
     for i in range(n):
         x1, y1 = poly[i]
@@ -295,24 +300,33 @@ def _inside_polygon(px: np.ndarray, py: np.ndarray, poly: np.ndarray) -> np.ndar
     return inside
 
 
-def shape_mask(shape: str, cx: float, cy: float, radius: float, height: int, width: int) -> np.ndarray:
-    """bool ``[H, W]``: pixels whose centre lies inside the shape."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    dx = (xs + 0.5 - cx) / radius
-    dy = (ys + 0.5 - cy) / radius
+def shape_mask(shape: str, cx, cy, radius: float, height: int, width: int) -> np.ndarray:
+    """bool ``[..., H, W]``: pixels whose centre lies inside the shape centred at ``(cx, cy)``
+    (floats, or arrays of one shape ``[...]``, e.g. one centre per frame).
+
+    Every shape is tested per row: ``dx`` depends only on the column and ``dy`` only on the
+    row, so the work per pixel is one comparison, with the same float64 values as testing each
+    pixel on its own.
+    """
+    cx = np.asarray(cx, dtype=np.float64)[..., None]
+    cy = np.asarray(cy, dtype=np.float64)[..., None]
+    dx = ((np.arange(width, dtype=np.float64) + 0.5 - cx) / radius)[..., None, :]  # [..., 1, W]
+    dy = ((np.arange(height, dtype=np.float64) + 0.5 - cy) / radius)[..., :, None]  # [..., H, 1]
     if shape == "circle":
         return dx * dx + dy * dy <= 1.0
-    if shape == "square":
-        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.82  # about the circle's area
+    if shape == "square":  # max(|dx|, |dy|) <= side, about the circle's area
+        return (np.abs(dx) <= SQUARE_HALF_SIDE) & (np.abs(dy) <= SQUARE_HALF_SIDE)
     if shape == "triangle":
-        return _inside_polygon(dx, dy - 0.15, _TRIANGLE * 1.15)
+        return _inside_polygon(dx, dy - TRIANGLE_DROP, TRIANGLE_POLYGON)
     if shape == "star":
-        return _inside_polygon(dx, dy, _STAR * 1.1)
+        return _inside_polygon(dx, dy, STAR_POLYGON)
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
+@functools.lru_cache(maxsize=256)
 def render_background(style: str, color: str, height: int, width: int) -> np.ndarray:
-    """uint8 ``[H, W, 3]``; fully determined by (style, colour) so a background edit is exact."""
+    """uint8 ``[H, W, 3]``, read-only (cached); fully determined by (style, colour) so a background
+    edit is exact."""
     if color not in BACKGROUND_COLORS:
         raise ValueError(f"unknown background colour {color!r}")
     base = np.array(BACKGROUND_COLORS[color], dtype=np.float64)
@@ -330,25 +344,34 @@ def render_background(style: str, color: str, height: int, width: int) -> np.nda
     else:
         raise ValueError(f"unknown background style {style!r}; known: {', '.join(BACKGROUND_STYLES)}")
     image = base[None, None] * (1 - weight[..., None]) + light[None, None] * weight[..., None]
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    background = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    background.flags.writeable = False
+    return background
+
+
+def bounce_tracks(x, y, vx, vy, radius, config: ShapeEditConfig) -> np.ndarray:
+    """float ``[..., F, 2]`` centre positions of objects (arrays ``[...]`` of start centres,
+    velocities and radii), bouncing off the frame edges (reflection)."""
+    t = np.arange(config.frames)
+    radius = np.asarray(radius, dtype=np.float64)[..., None]
+    axes = []
+    for p0, v, extent in ((x, vx, config.width), (y, vy, config.height)):
+        p0 = np.asarray(p0, dtype=np.float64)[..., None]
+        v = np.asarray(v, dtype=np.float64)[..., None]
+        lo, hi = radius, extent - radius
+        span = hi - lo
+        # Unfold the bounces: move freely on a line, then fold into [lo, hi] with period 2*span.
+        free = (p0 - lo) + v * t
+        with np.errstate(divide="ignore", invalid="ignore"):  # span <= 0: centred, below
+            folded = np.mod(free, 2 * span)
+        position = lo + np.where(folded > span, 2 * span - folded, folded)
+        axes.append(np.where(span > 0, position, extent / 2))
+    return np.stack(axes, axis=-1)
 
 
 def object_track(obj: ShapeObject, config: ShapeEditConfig) -> np.ndarray:
     """float ``[F, 2]`` centre positions, bouncing off the frame edges (reflection)."""
-    r = _radius(obj.size, config)
-    out = np.empty((config.frames, 2))
-    for axis, (p0, v, extent) in enumerate(((obj.x, obj.vx, config.width), (obj.y, obj.vy, config.height))):
-        lo, hi = r, extent - r
-        span = hi - lo
-        t = np.arange(config.frames)
-        if span <= 0:
-            out[:, axis] = extent / 2
-            continue
-        # Unfold the bounces: move freely on a line, then fold into [lo, hi] with period 2*span.
-        free = (p0 - lo) + v * t
-        folded = np.mod(free, 2 * span)
-        out[:, axis] = lo + np.where(folded > span, 2 * span - folded, folded)
-    return out
+    return bounce_tracks(obj.x, obj.y, obj.vx, obj.vy, object_radius(obj.size, config), config)
 
 
 def render_scene(scene: Scene, config: ShapeEditConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -360,16 +383,13 @@ def render_scene(scene: Scene, config: ShapeEditConfig) -> tuple[np.ndarray, np.
     ids = np.full((F, H, W), -1, dtype=np.int8)
     for index, obj in enumerate(scene.objects):
         track = object_track(obj, config)
-        color = np.array(OBJECT_COLORS[obj.color], dtype=np.uint8)
-        r = _radius(obj.size, config)
-        for f in range(F):
-            m = shape_mask(obj.shape, track[f, 0], track[f, 1], r, H, W)
-            video[f][m] = color
-            ids[f][m] = index
+        mask = shape_mask(obj.shape, track[:, 0], track[:, 1], object_radius(obj.size, config), H, W)
+        video[mask] = OBJECT_COLORS[obj.color]
+        np.copyto(ids, np.int8(index), where=mask)  # faster than ids[mask] = index
     return video, ids
 
 
-def interior_mask(video: np.ndarray, tolerance: int = 8) -> np.ndarray:
+def interior_mask(video: np.ndarray, tolerance: int = EDGE_TOLERANCE) -> np.ndarray:
     """bool ``[F, H, W]``: pixels whose 3x3 neighbourhood (edge-padded) spans at most
     ``tolerance`` per channel: not on a shape or texture edge (smooth gradients count)."""
     padded = np.pad(video, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
@@ -377,16 +397,24 @@ def interior_mask(video: np.ndarray, tolerance: int = 8) -> np.ndarray:
     rows_min = np.minimum(np.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
     high = np.maximum(np.maximum(rows_max[:, :, :-2], rows_max[:, :, 1:-1]), rows_max[:, :, 2:])
     low = np.minimum(np.minimum(rows_min[:, :, :-2], rows_min[:, :, 1:-1]), rows_min[:, :, 2:])
-    return np.all(high - low <= tolerance, axis=-1)
+    flat = high - low <= tolerance
+    return flat[..., 0] & flat[..., 1] & flat[..., 2]  # np.all over an axis of 3 is far slower
 
 
 # ---------------------------------------------------------------------------------------------
 # Scenes and edits
 
 
+def _pick(rng, options) -> str:
+    """One of ``options``, uniformly: the same draw as ``rng.choice(options)`` without building an
+    array (a third of the time spent drawing a scene)."""
+    options = list(options)
+    return str(options[int(rng.integers(len(options)))])
+
+
 def _random_object(rng, shape, color, config: ShapeEditConfig) -> ShapeObject:
-    size = str(rng.choice(list(SIZES)))
-    r = _radius(size, config)
+    size = _pick(rng, SIZES)
+    r = object_radius(size, config)
     unit = min(config.height, config.width)
     speed = rng.uniform(config.min_speed, config.max_speed) * unit
     angle = rng.uniform(0, 2 * np.pi)
@@ -406,8 +434,8 @@ def _random_scene(rng, config: ShapeEditConfig) -> Scene:
     shapes = rng.permutation(SHAPES)[:count]
     colors = rng.permutation(list(OBJECT_COLORS))[:count]
     return Scene(
-        background_style=str(rng.choice(BACKGROUND_STYLES)),
-        background_color=str(rng.choice(list(BACKGROUND_COLORS))),
+        background_style=_pick(rng, BACKGROUND_STYLES),
+        background_color=_pick(rng, BACKGROUND_COLORS),
         objects=[_random_object(rng, str(s), str(c), config) for s, c in zip(shapes, colors)],
     )
 
@@ -418,7 +446,7 @@ def _name(obj: ShapeObject) -> str:
 
 def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
     """Return (target scene, instruction, edited object index in source, index in target, params)."""
-    target = copy.deepcopy(source)
+    target = replace(source, objects=[replace(o) for o in source.objects])
     used_shapes = {o.shape for o in source.objects}
     used_colors = {o.color for o in source.objects}
     index = int(rng.integers(len(source.objects)))
@@ -426,22 +454,22 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
     fields = {"obj": _name(obj)}
 
     if family == "swap":
-        shape = str(rng.choice([s for s in SHAPES if s not in used_shapes]))
+        shape = _pick(rng, [s for s in SHAPES if s not in used_shapes])
         target.objects[index].shape = shape
         fields.update(shape=shape, color=obj.color)
         params = {"object": index, "shape": shape}
         src_index, tgt_index = index, index
     elif family == "recolor":
-        color = str(rng.choice([c for c in OBJECT_COLORS if c not in used_colors]))
+        color = _pick(rng, [c for c in OBJECT_COLORS if c not in used_colors])
         target.objects[index].color = color
         fields.update(color=color)
         params = {"object": index, "color": color}
         src_index, tgt_index = index, index
     elif family == "add":
-        shape = str(rng.choice([s for s in SHAPES if s not in used_shapes]))
-        color = str(rng.choice([c for c in OBJECT_COLORS if c not in used_colors]))
-        size = str(rng.choice(list(SIZES)))
-        place = str(rng.choice(list(PLACES)))
+        shape = _pick(rng, [s for s in SHAPES if s not in used_shapes])
+        color = _pick(rng, [c for c in OBJECT_COLORS if c not in used_colors])
+        size = _pick(rng, SIZES)
+        place = _pick(rng, PLACES)
         fx, fy = PLACES[place]
         target.objects.append(ShapeObject(shape, color, size, fx * config.width, fy * config.height, 0.0, 0.0))
         fields.update(shape=shape, color=color, size=size, place=place)
@@ -460,12 +488,12 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
         ]
         style, color = choices[int(rng.integers(len(choices)))]
         target.background_style, target.background_color = style, color
-        phrase = str(rng.choice(BACKGROUND_PHRASES[style])).format(color=color)
+        phrase = _pick(rng, BACKGROUND_PHRASES[style]).format(color=color)
         fields.update(bg=phrase)
         params = {"style": style, "color": color}
         src_index, tgt_index = None, None
     elif family == "motion":
-        motion = str(rng.choice(MOTIONS))
+        motion = _pick(rng, MOTIONS)
         moved = target.objects[index]
         speed = float(np.hypot(obj.vx, obj.vy))
         if motion == "reverse":
@@ -481,8 +509,82 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
     else:
         raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
     templates = TEMPLATES["motion"][params["motion"]] if family == "motion" else TEMPLATES[family]
-    instruction = str(rng.choice(templates)).format(**fields)
+    instruction = _pick(rng, templates).format(**fields)
     return target, instruction, src_index, tgt_index, params
+
+
+MAX_ATTEMPTS = 100  # candidate edits per example before giving up (a degenerate config)
+
+
+@dataclass
+class EditDraw:
+    """One candidate edit of an example: the scenes before and after, and the words for it.
+
+    ``source_index``/``target_index``: the edited object's position in ``source.objects`` /
+    ``target.objects`` (None when the family has none there, e.g. ``add`` in the source).
+    """
+
+    family: str
+    source: Scene
+    target: Scene
+    instruction: str
+    source_index: int | None
+    target_index: int | None
+    params: dict
+
+
+class EditCandidates:
+    """The candidate edits of ShapeEdit example ``seed`` of ``split``, in the order every renderer
+    tries them: the first whose edit is visible (see `edit_is_visible`) is the example.
+
+    The one place where a seed becomes scene parameters, shared by `generate_example` and the
+    batched renderer (`liveditor.data.shapes_batch`), so both draw identical scenes. Picklable
+    (it holds a numpy Generator), so a DataLoader worker can draw and a renderer continue.
+    ``family=None`` takes ``FAMILIES[seed % 6]`` so consecutive seeds cycle through the families.
+    """
+
+    def __init__(self, seed: int, split: str = "train", family: str | None = None, config: ShapeEditConfig | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = int(seed)
+        if family is None:
+            family = FAMILIES[seed % len(FAMILIES)]
+        elif family not in FAMILIES:
+            raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
+        self.seed, self.split, self.family = seed, split, family
+        self.config = ShapeEditConfig() if config is None else config
+        self.attempts = 0  # candidates drawn so far
+        self._rng = np.random.default_rng(
+            np.random.SeedSequence([SPLITS.index(split), 0x5EED, seed, FAMILIES.index(family)])
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> EditDraw:
+        if self.attempts >= MAX_ATTEMPTS:  # pragma: no cover - needs a degenerate config
+            raise LIVEditorError(
+                f"could not draw a visible {self.family} edit for seed {self.seed} with {self.config}"
+            )
+        self.attempts += 1
+        scene = _random_scene(self._rng, self.config)
+        target, instruction, source_index, target_index, params = _apply_edit(self._rng, self.family, scene, self.config)
+        return EditDraw(self.family, scene, target, instruction, source_index, target_index, params)
+
+
+def changed_pixels(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """bool ``[F, H, W]``: where two videos differ in any channel."""
+    differ = source != target
+    return differ[..., 0] | differ[..., 1] | differ[..., 2]  # np.any over an axis of 3 is far slower
+
+
+def edit_is_visible(edit_mask: np.ndarray, target: np.ndarray) -> bool:
+    """Whether an edit changes at least ``MIN_EDIT_PIXELS`` pixels away from edges. An object can
+    hide behind another or barely move, or a swap can differ only along the outline: such a
+    candidate is redrawn."""
+    return int(np.count_nonzero(edit_mask & interior_mask(target))) >= MIN_EDIT_PIXELS
 
 
 def generate_example(
@@ -495,54 +597,38 @@ def generate_example(
 
     ``family=None`` takes ``FAMILIES[seed % 6]`` so consecutive seeds cycle through the families.
     """
-    config = ShapeEditConfig() if config is None else config
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    seed = int(seed)
-    if family is None:
-        family = FAMILIES[seed % len(FAMILIES)]
-    elif family not in FAMILIES:
-        raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
-    rng = np.random.default_rng(np.random.SeedSequence([SPLITS.index(split), 0x5EED, seed, FAMILIES.index(family)]))
-
-    # Redraw until the edit is visible away from edges (an object can hide behind another, barely
-    # move, or a swap can differ only along the outline).
-    for attempt in range(100):
-        scene = _random_scene(rng, config)
-        target_scene, instruction, src_index, tgt_index, params = _apply_edit(rng, family, scene, config)
-        source, source_ids = render_scene(scene, config)
-        target, target_ids = render_scene(target_scene, config)
-        edit_mask = np.any(source != target, axis=-1)
-        if (edit_mask & interior_mask(target)).sum() >= MIN_EDIT_PIXELS:
+    candidates = EditCandidates(seed, split, family, config)
+    config = candidates.config
+    for draw in candidates:
+        source, source_ids = render_scene(draw.source, config)
+        target, target_ids = render_scene(draw.target, config)
+        edit_mask = changed_pixels(source, target)
+        if edit_is_visible(edit_mask, target):
             break
-    else:  # pragma: no cover - needs a degenerate config
-        raise LIVEditorError(f"could not draw a visible {family} edit for seed {seed} with {config}")
 
-    if family == "background":
+    if draw.family == "background":
         object_mask = target_ids < 0
     else:
         object_mask = np.zeros(edit_mask.shape, dtype=bool)
-        if src_index is not None:
-            object_mask |= source_ids == src_index
-        if tgt_index is not None:
-            object_mask |= target_ids == tgt_index
+        if draw.source_index is not None:
+            object_mask |= source_ids == draw.source_index
+        if draw.target_index is not None:
+            object_mask |= target_ids == draw.target_index
     metadata = {
-        "seed": seed,
+        "seed": candidates.seed,
         "split": split,
-        "family": family,
-        "attempts": attempt + 1,
+        "family": draw.family,
+        "attempts": candidates.attempts,
         "config": asdict(config),
-        "source_scene": asdict(scene),
-        "target_scene": asdict(target_scene),
-        "edit": params,
+        "source_scene": asdict(draw.source),
+        "target_scene": asdict(draw.target),
+        "edit": draw.params,
     }
     return ShapeEditExample(
         source=source,
         target=target,
-        instruction=instruction,
-        family=family,
+        instruction=draw.instruction,
+        family=draw.family,
         object_mask=object_mask,
         edit_mask=edit_mask,
         metadata=metadata,

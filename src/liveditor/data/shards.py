@@ -9,9 +9,12 @@ key (the part of the member name before the first dot), as WebDataset expects::
     train-00000042.mask.png    the edited object's mask per frame (grey, 0/255)
 
 A folder of shards has an ``index.json`` manifest (format, split, seeds, shard names and counts,
-clip geometry). Every file is written to a temporary name in the same folder and renamed into
-place, so an interrupted run never leaves a half-written shard under a real name. Readers skip a
-corrupt shard or sample with a logged warning and count it in ``ReadStats``.
+clip geometry), and readers read the shards it lists, nothing else: a folder without one is not
+a dataset. `write_shapeedit_shards` builds the whole folder beside its destination and renames it
+into place (`liveditor.atomic.atomic_directory`), so an interrupted run leaves the previous
+dataset (or nothing), never a half-written set, and ``overwrite`` leaves no old shard behind.
+Readers skip a corrupt or missing shard, or a corrupt sample, with a logged warning and count it
+in ``ReadStats``; `ShapeEditShards.read_stats()` sums what every DataLoader worker counted.
 
 The same writer/reader take any ``{extension: bytes}`` samples, so the real data pipeline (VAE
 latents, text embeddings) reuses them with other extensions.
@@ -35,7 +38,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import LIVEditorError
-from ..atomic import atomic_output, publish_file, temporary_path
+from ..atomic import atomic_directory, atomic_output, publish_file, temporary_path
 from .shapes import FAMILIES, SPLITS, ShapeEditConfig, ShapeEditExample, generate_example
 
 logger = logging.getLogger(__name__)
@@ -225,7 +228,9 @@ def write_shapeedit_shards(
     shards in ``directory`` and write its manifest; returns the manifest.
 
     Example ``seed`` has family ``families[seed % len(families)]`` (default all six, balanced;
-    the same clips as ``generate_example(seed, split)``).
+    the same clips as ``generate_example(seed, split)``). ``directory`` must be new, empty, or
+    (with ``overwrite``) a dataset folder. The new folder is built beside it and swapped in when
+    complete: an interruption leaves the old dataset (or nothing), and no old shard survives.
     """
     from tqdm.auto import tqdm
 
@@ -240,26 +245,44 @@ def write_shapeedit_shards(
     if not families or unknown:
         raise ValueError(f"unknown edit families {unknown or families!r}; known: {', '.join(FAMILIES)}")
     config = ShapeEditConfig() if config is None else config
-    directory = Path(directory)
-    if (directory / MANIFEST).exists() and not overwrite:
-        raise LIVEditorError(f"{directory} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+    directory = Path(os.path.abspath(directory))  # "." or "out/" has a name to build beside
+    _check_replaceable(directory, overwrite)
 
-    with ShardWriter(directory, prefix=split, samples_per_shard=samples_per_shard, overwrite=overwrite) as writer:
-        for i in tqdm(range(num_examples), desc=f"ShapeEdit {split}", unit="clip", disable=not progress):
-            seed = start_seed + i
-            example = generate_example(seed, split, families[seed % len(families)], config)
-            writer.write(f"{split}-{seed:08d}", encode_example(example))
-    manifest = {
-        "format": FORMAT,
-        "split": split,
-        "start_seed": start_seed,
-        "num_samples": num_examples,
-        "families": list(families),
-        "config": config.__dict__.copy(),
-        "shards": writer.shards,
-    }
-    write_manifest(directory, manifest)
+    with atomic_directory(directory, replace=directory.exists()) as staging:
+        with ShardWriter(staging, prefix=split, samples_per_shard=samples_per_shard) as writer:
+            for i in tqdm(range(num_examples), desc=f"ShapeEdit {split}", unit="clip", disable=not progress):
+                seed = start_seed + i
+                example = generate_example(seed, split, families[seed % len(families)], config)
+                writer.write(f"{split}-{seed:08d}", encode_example(example))
+        manifest = {
+            "format": FORMAT,
+            "split": split,
+            "start_seed": start_seed,
+            "num_samples": num_examples,
+            "families": list(families),
+            "config": config.__dict__.copy(),
+            "shards": writer.shards,
+        }
+        write_manifest(staging, manifest)
     return manifest
+
+
+def _check_replaceable(directory: Path, overwrite: bool) -> None:
+    """A dataset folder may replace nothing, an empty folder, or (with ``overwrite``) a dataset."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise LIVEditorError(f"{directory} is a file, not a folder")
+    cwd = Path.cwd()
+    if cwd == directory or directory in cwd.parents:
+        raise LIVEditorError(f"{directory} holds the current folder, which replacing it would delete; write elsewhere")
+    if (directory / MANIFEST).exists():
+        if not overwrite:
+            raise LIVEditorError(f"{directory} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+    elif any(directory.iterdir()):
+        raise LIVEditorError(
+            f"{directory} is not empty and holds no dataset ({MANIFEST}); choose another folder or empty it"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +299,45 @@ class ReadStats:
     corrupt_samples: int = 0
     problems: list[str] = field(default_factory=list)
 
+    COUNTS = ("shards_read", "samples_read", "corrupt_shards", "corrupt_samples")
+
     def _note(self, message: str) -> None:
         logger.warning(message)
         if len(self.problems) < 100:
             self.problems.append(message)
 
+    def as_tensor(self) -> torch.Tensor:
+        """The counts (``COUNTS`` order) as int64 ``[4]``, e.g. to sum over processes with an all-reduce."""
+        return torch.tensor([getattr(self, name) for name in self.COUNTS], dtype=torch.int64)
+
+
+def read_manifest(directory) -> dict:
+    """The manifest of a dataset folder; a folder without a valid one is not a (finished) dataset."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise LIVEditorError(
+            f"{directory} has no {MANIFEST}: not a finished dataset (write one with liveditor make-data, "
+            "or name shard files or a glob)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        names = [entry["name"] for entry in manifest["shards"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LIVEditorError(f"{path} is not a valid dataset manifest: {exc}") from exc
+    if not all(isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..") for n in names):
+        raise LIVEditorError(f"{path} lists shard names that are not plain file names")
+    return manifest
+
 
 def resolve_shards(source) -> list[Path]:
-    """Shard paths from a folder (its ``*.tar``), a glob pattern, a file, or a list of those."""
+    """Shard paths from a dataset folder (the shards its manifest lists), a glob pattern, a file,
+    or a list of those."""
     if isinstance(source, (list, tuple)):
         paths = [p for item in source for p in resolve_shards(item)]
     else:
         text = os.fspath(source)
         if os.path.isdir(text):
-            paths = sorted(Path(text).glob("*.tar"))
+            paths = [Path(text) / entry["name"] for entry in read_manifest(text)["shards"]]
         elif any(ch in text for ch in "*?["):
             paths = [Path(p) for p in sorted(glob.glob(text))]
         elif os.path.isfile(text):
@@ -298,6 +346,27 @@ def resolve_shards(source) -> list[Path]:
             raise FileNotFoundError(f"no shard file, folder or pattern at {text}")
     if not paths:
         raise FileNotFoundError(f"no .tar shards found in {source}")
+    return paths
+
+
+def check_shard_coverage(source, world_size: int, num_workers: int) -> list[Path]:
+    """The shards of ``source``, if there are enough for every reader; else a one-line error.
+
+    Each of the ``world_size`` processes x ``num_workers`` DataLoader workers (0 = the process
+    itself) reads its own shards; one without any would wait forever in a distributed step. Call
+    it on every process before building the loaders; all processes see the same shards, so all
+    stop together.
+    """
+    for name, value in (("world_size", world_size), ("num_workers", num_workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    paths = resolve_shards(source)
+    readers = max(1, world_size) * max(1, num_workers)
+    if len(paths) < readers:
+        raise LIVEditorError(
+            f"{source} holds {len(paths)} shards but {world_size} processes x {max(1, num_workers)} loader workers "
+            f"read it: write at least {readers} shards (liveditor make-data --samples-per-shard) or use fewer workers"
+        )
     return paths
 
 
@@ -372,36 +441,56 @@ def example_to_tensors(example: ShapeEditExample) -> dict:
     }
 
 
+MAX_WORKERS = 64  # DataLoader workers per process that `ShapeEditShards` keeps counts for
+
+
 class ShapeEditShards(IterableDataset):
     """Stream examples from shards, split over DataLoader workers and distributed processes.
 
     Each (process, worker) reads its own subset of shards, so use at least
-    ``num_processes * num_workers`` shards. ``set_epoch`` reshuffles shard and sample order.
-    Skipped shards and samples are counted in ``self.stats`` (per worker process).
+    ``num_processes * num_workers`` shards (`check_shard_coverage`); a reader left without one
+    raises instead of waiting. ``set_epoch`` reshuffles shard and sample order. `read_stats()`
+    returns, in the main process, what all of this process's workers read and skipped.
     """
 
     def __init__(self, source, shuffle: bool = True, seed: int = 0, process_index: int = 0, num_processes: int = 1):
         self.paths = resolve_shards(source)
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} must be in [0, {num_processes})")
+        self.source = source
         self.shuffle = shuffle
         self.seed = seed
         self.process_index = process_index
         self.num_processes = num_processes
         self.epoch = 0
-        self.stats = ReadStats()
+        # One row of counts per worker, in shared memory: workers are other processes, and each
+        # writes only its own row.
+        self._counts = torch.zeros(MAX_WORKERS, len(ReadStats.COUNTS), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def read_stats(self) -> ReadStats:
+        """Shards and samples read and skipped so far by every worker of this process."""
+        return ReadStats(**dict(zip(ReadStats.COUNTS, self._counts.sum(0).tolist())))
+
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        if num_workers > MAX_WORKERS:
+            raise ValueError(f"ShapeEditShards supports at most {MAX_WORKERS} DataLoader workers, got {num_workers}")
+        slot, slots = self.process_index * num_workers + worker_id, self.num_processes * num_workers
+        if len(self.paths) < slots:
+            raise LIVEditorError(
+                f"{self.source} holds {len(self.paths)} shards but {self.num_processes} processes x {num_workers} "
+                f"loader workers read it: write at least {slots} shards or use fewer workers"
+            )
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
-        slot, slots = self.process_index * num_workers + worker_id, self.num_processes * num_workers
         for index in order[slot::slots]:
-            examples = list(iter_examples([self.paths[index]], self.stats))
+            stats = ReadStats()
+            examples = list(iter_examples([self.paths[index]], stats))
+            self._counts[worker_id] += stats.as_tensor()
             for j in rng.permutation(len(examples)) if self.shuffle else range(len(examples)):
                 yield example_to_tensors(examples[j])
 

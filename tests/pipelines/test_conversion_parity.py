@@ -133,7 +133,8 @@ def release_forward(sd, latents, context_latents, timestep, text, heads, *, resi
 
         c = _layer_norm(x, sd[b + "norm3.weight"], sd[b + "norm3.bias"])
         cq = _rms_norm(_linear(sd, b + "cross_attn.q", c), sd[b + "cross_attn.norm_q.weight"]).unflatten(2, (heads, -1))
-        ck = _rms_norm(_linear(sd, b + "cross_attn.k", text), sd[b + "cross_attn.norm_k.weight"]).unflatten(2, (heads, -1))
+        ck = _rms_norm(_linear(sd, b + "cross_attn.k", text), sd[b + "cross_attn.norm_k.weight"])
+        ck = ck.unflatten(2, (heads, -1))
         cv = _linear(sd, b + "cross_attn.v", text).unflatten(2, (heads, -1))
         x = x + _linear(sd, b + "cross_attn.o", _attention(cq, ck, cv).flatten(2))
 

@@ -183,14 +183,16 @@ def test_full_14b_key_list_maps_onto_the_preset():
     entries = {"model_ema." + WANX + k: torch.empty(s, device="meta") for k, s in shapes.items()}
     model, report = build_transformer(release_entries(entries))  # head count: Wan's 128-wide heads
     preset = MODEL_PRESETS["liveditor-14b"]
-    assert {k: model.config[k] for k in preset} == {k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()}
+    assert {k: model.config[k] for k in preset} == {k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in preset.items()}
     unused = len(UNUSED_PER_BLOCK) * SIZE_14B["layers"]
     assert report.unused == unused and report.loaded == TENSORS_14B - unused
     # Our model is the release minus the unused alphas: 1137 tensors.
     assert report.parameters == PARAMETERS_14B - unused * SIZE_14B["dim"]
     with torch.device("meta"):
         reference = LIVEditorTransformer3DModel.from_preset("liveditor-14b")
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
 def test_converted_folder_loads_and_edits(tmp_path, base_folder):

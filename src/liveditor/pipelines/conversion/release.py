@@ -245,7 +245,8 @@ def infer_transformer_config(entries: dict[str, object], num_heads: int | None =
     except (AttributeError, ValueError) as exc:
         raise LIVEditorError(f"checkpoint is not a Wan/LIVEditor transformer: {exc}") from exc
     if len(patch_size) != 3:
-        raise LIVEditorError(f"checkpoint's patch_embedding.weight has shape {tuple(patch.shape)}, not a 3D convolution")
+        raise LIVEditorError(
+            f"checkpoint's patch_embedding.weight has shape {tuple(patch.shape)}, not a 3D convolution's")
     if num_heads is None:
         if dim % WAN_HEAD_DIM:
             raise LIVEditorError(f"checkpoint width {dim} is not a multiple of Wan's head width {WAN_HEAD_DIM}; "

@@ -50,7 +50,8 @@ def base_layout(base: Path) -> str:
     if present:
         missing = [name for name in original if name not in present]
         if missing:
-            raise LIVEditorError(f"base folder {base} looks like the original Wan2.2 layout but lacks {', '.join(missing)}")
+            raise LIVEditorError(
+                f"base folder {base} looks like the original Wan2.2 layout but lacks {', '.join(missing)}")
         return "original"
     raise LIVEditorError(
         f"base folder {base} is neither a diffusers Wan2.2 folder ({', '.join(n + '/' for n in DIFFUSERS_COMPONENTS)}) "

@@ -6,7 +6,8 @@ accepted here:
 - a torch pickle, optionally wrapped in a top-level `state_dict`, `module` or `weights` entry (the
   first of these present is unwrapped, once);
 - `wanx_unimodel.guidance_model.feedforward_model.` removed wherever it appears in a key;
-- keys starting with `vae.` or containing `optimizer` / `scheduler` skipped;
+- keys starting with `vae.` or containing `optimizer` / `scheduler` skipped (a `vae.` key under a
+  `model.` prefix is ignored by the release's non-strict load; here it is skipped too);
 - `.weight.lora` renamed to `.lora.`;
 - one leading `model.` or `model_ema.` removed, so prefixes stack (`model_ema.wanx_unimodel...`);
   when several entries end up with one name, the one that comes last in the file wins.
@@ -27,7 +28,7 @@ import torch
 
 from ...errors import LIVEditorError
 from ...models.transformer_liveditor import LIVEditorTransformer3DModel
-from .strict import check_weights
+from .strict import check_weights, first_line
 
 RELEASE_PREFIX = "wanx_unimodel.guidance_model.feedforward_model."
 WRAPPER_KEYS = ("state_dict", "module", "weights")
@@ -125,22 +126,17 @@ def read_checkpoint_file(path, what: str = "checkpoint") -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types on foreign files
-            raise LIVEditorError(f"cannot read {what} {path} as safetensors: {_first_line(exc)}") from exc
+            raise LIVEditorError(f"cannot read {what} {path} as safetensors: {first_line(exc)}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # mmap needs the zip format; retry without it for legacy pickles
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # the unpickler raises many types on foreign files
-            raise LIVEditorError(f"cannot load {what} {path} as a weights-only torch file: {_first_line(exc)}") from exc
+            raise LIVEditorError(f"cannot load {what} {path} as a weights-only torch file: {first_line(exc)}") from exc
     if not isinstance(obj, dict):
         raise LIVEditorError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_skipped_entry(key: str) -> bool:

@@ -1,11 +1,17 @@
-"""The one strictness rule every converter here applies: each weight of the target model is filled
-with a tensor of its shape, and nothing else is loaded silently."""
+"""The one strictness rule every converter here applies (each weight of the target model is filled
+with a tensor of its shape, and nothing else is loaded silently) and its one-line messages."""
 
 from __future__ import annotations
 
 import torch
 
 from ...errors import LIVEditorError
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def listing(keys, limit: int = 8) -> str:

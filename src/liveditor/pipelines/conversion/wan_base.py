@@ -21,7 +21,7 @@ import torch
 
 from ...errors import LIVEditorError
 from .release import read_checkpoint_file
-from .strict import check_weights
+from .strict import check_weights, first_line
 
 ORIGINAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
@@ -128,8 +128,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> str:
     shutil.copytree(src, dst)
     try:
         tokenizer = AutoTokenizer.from_pretrained(dst)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LIVEditorError(f"tokenizer folder {src} cannot be loaded by transformers: {exc}") from exc
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise LIVEditorError(f"tokenizer folder {src} cannot be loaded by transformers: {first_line(exc)}") from exc
     return type(tokenizer).__name__
 
 

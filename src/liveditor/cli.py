@@ -93,23 +93,32 @@ def _add_convert(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert the released liveditor_ckpt.bin into a pipeline folder",
-        description="Map the released original-layout checkpoint onto LIVEditorTransformer3DModel and "
-        "write a complete pipeline folder (safetensors) with the base model's tokenizer, text encoder and VAE.",
+        description="Map the released checkpoint (original Wan naming, any layout the release's loader accepts) "
+        "onto LIVEditorTransformer3DModel and write a complete pipeline folder (safetensors) with the Wan2.2 "
+        "tokenizer, umT5 text encoder and VAE. Strict: a missing weight, a wrong shape or an unknown key is an error.",
     )
     p.add_argument("--checkpoint", required=True, help="liveditor_ckpt.bin (torch pickle, loaded weights-only)")
-    p.add_argument("--base", required=True, help="Wan2.2-T2V-A14B-Diffusers folder")
+    p.add_argument("--base", required=True,
+                   help="Wan2.2-T2V-A14B folder: the original one (models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, "
+                   "google/umt5-xxl) or the diffusers one")
     p.add_argument("--out", required=True, help="new pipeline folder (must not exist)")
     p.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep",
                    help="transformer weight dtype (default: the checkpoint's)")
+    p.add_argument("--ignore-unknown-keys", action="store_true",
+                   help="drop checkpoint keys the model has no place for (as the release does) instead of failing")
+    p.add_argument("--prefer", choices=("last", "model", "model_ema"), default="last",
+                   help="when a weight is stored both as model.* and model_ema.*: take the one that comes last in "
+                   "the file (the release's rule, default) or always this prefix")
 
     def handler(args):
         import torch
 
-        from .models.conversion import convert_checkpoint
+        from .pipelines.conversion import convert_checkpoint
 
         dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        out = convert_checkpoint(args.checkpoint, args.base, args.out, dtype=dtype)
-        print(f"wrote LIVEditor pipeline folder {out}")
+        report = convert_checkpoint(args.checkpoint, args.base, args.out, dtype=dtype,
+                                    ignore_unknown_keys=args.ignore_unknown_keys, prefer=args.prefer)
+        print(report.summary())
 
     p.set_defaults(handler=handler)
 

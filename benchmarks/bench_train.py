@@ -65,6 +65,8 @@ def batch_of(pool: list[dict], start: int, size: int) -> dict:
 def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict:
     """Seconds per optimizer step of a fresh model with this config (after `warmup` steps)."""
     device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     tokenizer, text_encoder, codec, transformer = build_components(config, *stats)
     step_fn = TrainStep(config, accelerator, tokenizer, text_encoder, codec, transformer)

@@ -314,11 +314,17 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict) -> None:
 
 def build_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transformer, ema: EMA | None,
                    dtype: torch.dtype):
-    """A LIVEditorPipeline on the CPU from copies of the modules (EMA weights when `ema` is given)."""
+    """A LIVEditorPipeline on the CPU from the modules' weights (EMA weights when `ema` is given).
+
+    Fresh modules take the weights: the trained ones may carry accelerate's autocast wrapper and
+    compiled blocks, which a deep copy would keep."""
     from ..pipelines.pipeline_liveditor import LIVEditorPipeline, flow_unipc_scheduler
 
-    text_encoder = copy.deepcopy(text_encoder).float().cpu()
-    transformer = copy.deepcopy(transformer).float().cpu()
+    trained_text, trained_transformer = text_encoder, transformer
+    _, text_encoder, _, transformer = build_components(config, list(codec.config.latents_mean),
+                                                       list(codec.config.latents_std))
+    text_encoder.load_state_dict({k: v.float().cpu() for k, v in trained_text.state_dict().items()})
+    transformer.load_state_dict({k: v.float().cpu() for k, v in trained_transformer.state_dict().items()})
     if ema is not None:
         ema.copy_to({"text_encoder": text_encoder, "transformer": transformer})
     return LIVEditorPipeline(

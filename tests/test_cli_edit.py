@@ -5,7 +5,7 @@ import pytest
 
 from liveditor.cli import main as cli_main
 from liveditor.data.video_io import read_video, write_video
-from liveditor.pipelines.testing import tiny_pipeline
+from tiny_models import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from liveditor.pipelines.loading import default_model_path
 def model_folder(tmp_path_factory):
     from liveditor.models.tiny_codec import SpaceToDepthVideoCodec
     from liveditor.pipelines.pipeline_liveditor import LIVEditorPipeline
-    from liveditor.pipelines.testing import tiny_components
+    from tiny_models import tiny_components
 
     codec = SpaceToDepthVideoCodec(scale_factor_spatial=8)
     z = codec.config.z_dim

@@ -395,17 +395,12 @@ class LIVEditorPipeline(DiffusionPipeline):
 
             info = probe_video(video)
             fit = self.plan_fit((info.height, info.width), height, width, resize_mode)
-            chunks, chunk = [], []
+            fitted = []  # each frame fitted as it is decoded: a large clip is never in memory whole
             for frame in iter_video_frames(video, fps=self.config.fps):
-                chunk.append(frame)
-                if len(chunk) == 8 or sum(c.shape[0] for c in chunks) + len(chunk) >= limit:
-                    chunks.append(fit.apply(frames_to_tensor(np.stack(chunk))))
-                    chunk = []
-                if sum(c.shape[0] for c in chunks) >= limit:
+                fitted.append(fit.apply(frames_to_tensor(frame[None])))
+                if len(fitted) == limit:
                     break
-            if chunk:
-                chunks.append(fit.apply(frames_to_tensor(np.stack(chunk))))
-            frames = torch.cat(chunks)
+            frames = torch.cat(fitted)
         else:
             frames = frames_to_tensor(video)[:limit]
             fit = self.plan_fit(tuple(frames.shape[2:]), height, width, resize_mode)

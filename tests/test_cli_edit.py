@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -40,8 +41,10 @@ def test_edit_writes_video_and_reports_attention_share(tmp_path, model_folder, i
 
     dense_out = tmp_path / "dense.mp4"
     assert _edit(input_video, "make the ball blue", "-o", dense_out, "--model", model_folder, "--steps", "2",
-                 "--attention", "dense", "--guidance", "1.0") == 0
-    assert "attention (dense)" in capsys.readouterr().out
+                 "--attention", "dense", "--guidance", "1.0", "--seed", "-1") == 0
+    stdout = capsys.readouterr().out
+    assert "attention (dense)" in stdout
+    assert int(re.search(r"; seed (\d+)\n", stdout).group(1)) >= 0  # -1: a random seed, printed
     assert read_video(dense_out).num_frames == 4
 
 

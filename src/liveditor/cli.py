@@ -368,6 +368,9 @@ def _add_record_activations(subparsers) -> None:
         steps, guidance = pipe.sampling_settings(args.steps, args.guidance)
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
         at_steps = args.at_steps if args.at_steps is not None else sorted({0, steps // 2, steps - 1})
+        for name, values, limit in (("--layers", layers, num_layers), ("--at-steps", at_steps, steps)):
+            if max(values) >= limit:
+                raise LIVEditorError(f"{name} must be below {limit} for this model and step count, got {values}")
         height, width = pipe.resolution_buckets[0]
         options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                    "output_type": "latent", "seed": 0}

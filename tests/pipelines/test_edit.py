@@ -68,11 +68,14 @@ def test_shapeedit_video_check():
 
 def test_long_input_is_edited_in_windows_at_the_model_fps(model_folder, tmp_path):
     path = write_video(tmp_path / "in.mp4", _smooth_clip(48, 64, 64, seed=1), fps=24)  # 2 s
-    report = run_edit(path, "make it red", tmp_path / "out.mp4", model=model_folder, seed=3, print_summary=False)
+    steps = []
+    report = run_edit(path, "make it red", tmp_path / "out.mp4", model=model_folder, seed=3, print_summary=False,
+                      callback_on_step_end=lambda pipe, i, t, kwargs: steps.append(i) or {})
     out = read_video(report.output)
     assert out.fps == pytest.approx(16) and out.num_frames == 32 == report.num_frames  # 2 s at 16 fps
     assert (report.window, report.overlap, report.windows) == (17, 4, 3)  # [0, 17), [13, 30), [15, 32)
     assert report.seam_difference is not None and report.input_seconds == pytest.approx(2.0)
+    assert steps == [0, 0, 0]  # one step in each of the three windows
     # A part of the input: 1 s from 0.5 s; a smaller window.
     part = run_edit(path, "make it red", tmp_path / "part.mp4", model=model_folder, start=0.5, duration=1.0,
                     window=9, print_summary=False)

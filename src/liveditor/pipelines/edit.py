@@ -197,13 +197,15 @@ def run_edit(
     duration: float | None = None,
     resize: str = "crop",
     print_summary: bool = True,
+    callback_on_step_end=None,
 ) -> EditReport:
     """Edit a video file and write the result at the model's frame rate, keeping the duration.
 
     Every bad input fails with a one-line LIVEditorError before the model is loaded (and before
     torch is imported). `seed` < 0 draws a random seed (reported); `window` is the number of frames
     edited in one pass (default: the model's `max_num_frames`); `start` / `duration` (seconds) pick
-    a part of the input; `resize` is "crop" or "pad".
+    a part of the input; `resize` is "crop" or "pad". `callback_on_step_end` is handed to the
+    pipeline for every window (diffusers' signature; `pipe._interrupt = True` stops the window).
     """
     from ..data.video_io import AudioSource, VideoWriter, check_writable_video_path, iter_video_frames, probe_video
     from .loading import check_pipeline_folder, load_pipeline
@@ -282,7 +284,7 @@ def run_edit(
             clip = torch.cat([clip, clip[-1:].expand(padded - count, -1, -1, -1)])  # repeat the last frame
             result = pipe(clip, instruction, negative_prompt=negative_prompt, height=bucket_h, width=bucket_w,
                           num_frames=padded, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                          output_type="np")
+                          output_type="np", callback_on_step_end=callback_on_step_end)
             edited = result.frames[0][:count, top : top + content_h, left : left + content_w]
             blender.add(window_start, edited)
             windows += 1

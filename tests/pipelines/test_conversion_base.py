@@ -18,7 +18,7 @@ from liveditor.errors import LIVEditorError
 from liveditor.pipelines import load_pipeline
 from liveditor.pipelines.conversion import convert_checkpoint
 from liveditor.pipelines.conversion.wan_base import umt5_from_original, wan_vae_from_original
-from liveditor.pipelines.testing import TINY_BUCKETS, tiny_tokenizer
+from tiny_models import TINY_BUCKETS, tiny_tokenizer
 
 EPS = 1e-6
 # umT5-xxl as Wan builds it (t5.py umt5_xxl) and the Wan2.1 VAE (vae.py _video_vae, WanVAE).

@@ -28,7 +28,7 @@ from liveditor.pipelines.conversion import (
     load_release_checkpoint,
     release_entries,
 )
-from liveditor.pipelines.testing import TINY_BUCKETS, tiny_pipeline
+from tiny_models import TINY_BUCKETS, tiny_pipeline
 
 
 def expected_parameter(model, key):

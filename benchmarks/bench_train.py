@@ -25,16 +25,14 @@ import numpy as np
 import torch
 
 from liveditor.training import build_components, load_config
+from liveditor.data.shapes_batch import example_seeds
 from liveditor.training.loop import (
-    CLIP_SEEDS,
-    SAMPLE_SEEDS,
     ProceduralClips,
-    SeedStream,
     TrainStep,
     _batches,
     _shapeedit_config,
     estimate_latent_statistics,
-    stream_seeds,
+    sample_seeds,
     training_flops_per_clip,
 )
 
@@ -50,7 +48,7 @@ def render_pool(config, clips: int, workers: int) -> list[dict]:
     """`clips` training clips, rendered by a pool of processes."""
     from torch.utils.data import DataLoader
 
-    seeds = stream_seeds(config.train.seed, 0, 0, CLIP_SEEDS, range(clips)).tolist()
+    seeds = example_seeds(config.train.seed, 0, 0, clips)
     loader = DataLoader(ProceduralClips(_shapeedit_config(config)), sampler=seeds, batch_size=None,
                         num_workers=workers)
     return list(loader)
@@ -71,7 +69,7 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict
     tokenizer, text_encoder, codec, transformer = build_components(config, *stats)
     step_fn = TrainStep(config, accelerator, tokenizer, text_encoder, codec, transformer)
     size = config.train.batch_size
-    batches = [(batch_of(pool, i * size, size), stream_seeds(0, 0, 0, SAMPLE_SEEDS, range(i * size, (i + 1) * size)))
+    batches = [(batch_of(pool, i * size, size), sample_seeds(0, 0, 0, range(i * size, (i + 1) * size)))
                for i in range(4)]
     start = time.perf_counter()
     for i in range(warmup):
@@ -92,13 +90,15 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict
 
 
 def time_loader(config, seconds: float) -> dict:
-    """Clips/s of the loop's data loader (config.data.num_workers processes) over `seconds`."""
-    batches = _batches(config, 0, 0, 1, 0, pin_memory=torch.cuda.is_available())
+    """Clips/s of the loop's data loader (config.data.num_workers processes, config.data.renderer)
+    over `seconds`."""
+    batches = _batches(config, 0, 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     next(batches)  # workers started
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         count += len(next(batches)["instruction"])
-    return {"workers": config.data.num_workers, "clips_per_s": count / (time.perf_counter() - start)}
+    return {"workers": config.data.num_workers, "renderer": config.data.renderer,
+            "clips_per_s": count / (time.perf_counter() - start)}
 
 
 def main(argv=None) -> dict:
@@ -147,7 +147,10 @@ def main(argv=None) -> dict:
                 print(json.dumps(row), flush=True)
                 if args.json_path:  # rows so far survive a run cut short
                     Path(args.json_path).write_text(json.dumps({"rows": rows}, indent=2))
-    loader = time_loader(base, args.loader_seconds) if args.loader_seconds > 0 else None
+    loader = None
+    if args.loader_seconds > 0:
+        loader = [time_loader(load_config(args.config, args.overrides + [f'data.renderer="{renderer}"']), args.loader_seconds)
+                  for renderer in ("reference", "batch")]
 
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -178,8 +181,8 @@ def main(argv=None) -> dict:
         else:
             print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['clips_per_s']:.0f} | {r['tflop_per_s']:.1f} "
                   f"| {1e3 * r['step_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.1f} |")
-    if loader:
-        print(f"\ndata loader: {loader['clips_per_s']:.0f} clips/s with {loader['workers']} worker processes")
+    for row in loader or []:
+        print(f"data loader ({row['renderer']} renderer): {row['clips_per_s']:.0f} clips/s with {row['workers']} worker processes")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json_path}")

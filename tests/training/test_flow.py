@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from liveditor.pipelines import flow_unipc_scheduler
-from liveditor.training.flow import flow_matching_loss, flow_matching_pair, sample_sigmas, shift_sigmas
+from liveditor.training.flow import flow_matching_loss, flow_matching_pair, shift_sigmas
 
 
 def test_shift_matches_the_inference_scheduler():
@@ -23,7 +23,7 @@ def test_shift_properties():
     assert torch.all(shifted >= u) and shifted.max() <= 1.0
     ends = shift_sigmas(torch.tensor([0.0, 1.0]), 5.0)
     assert ends.tolist() == [0.0, 1.0]
-    t = sample_sigmas(4096, 3.0, generator=torch.Generator().manual_seed(1))
+    t = shift_sigmas(torch.rand(4096, generator=torch.Generator().manual_seed(1)), 3.0)
     assert t.min() > 0 and t.max() < 1 and t.mean() > 0.6  # shift 3 puts most weight at high noise
 
 

@@ -14,15 +14,12 @@ from liveditor.errors import LIVEditorError
 from liveditor.training import load_config, train
 from liveditor.training.loop import (
     CHECKPOINT_DIR,
-    CLIP_SEEDS,
-    SAMPLE_SEEDS,
-    SeedStream,
+    ClipSeeds,
     _replace_dir,
-    check_shard_count,
     edit_region_weights,
     find_checkpoint,
     learning_rate,
-    stream_seeds,
+    sample_seeds,
     video_batch_to_model,
 )
 
@@ -157,20 +154,40 @@ def test_learning_rate_schedule():
     assert learning_rate(timed, 10, 30.0) == pytest.approx(0.5)  # time is the nearer limit
 
 
-def test_seed_streams_resume_and_never_overlap():
-    full = list(islice(iter(SeedStream(3, stage=0, rank=0)), 2100))
-    assert len(set(full)) == len(full) and all(0 <= v < 2**62 for v in full)
-    assert list(islice(iter(SeedStream(3, stage=0, rank=0, start=1500)), 600)) == full[1500:2100]
-    others = [set(islice(iter(SeedStream(*key)), 2100)) for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0))]
-    assert all(not (set(full) & other) for other in others)  # other process, next stage, other seed
-    noise = stream_seeds(3, 0, 0, SAMPLE_SEEDS, range(2100))
-    assert not set(noise.tolist()) & set(full) and stream_seeds(3, 0, 0, CLIP_SEEDS, [7])[0] == full[7]
+def test_clip_and_sample_seeds_resume_and_never_overlap():
+    full = list(islice(iter(ClipSeeds(3, stage=0, rank=0, world=2, batch_size=4)), 40))
+    assert len(set(full)) == 40
+    assert list(islice(iter(ClipSeeds(3, 0, 0, 2, 4, start_batch=5)), 20)) == full[20:40]
+    others = [set(islice(iter(ClipSeeds(*key, 2, 4)), 40)) for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0))]
+    assert all(not (set(full) & other) for other in others)  # other process, next stage, other run
+    noise = sample_seeds(3, 0, 0, range(2000))
+    assert len(set(noise.tolist())) == 2000 and noise.min() >= 0 and noise.max() < 2**62
+    assert list(sample_seeds(3, 0, 0, [1500, 7])) == [noise[1500], noise[7]]
+    for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0)):
+        assert not set(sample_seeds(*key, range(2000)).tolist()) & set(noise.tolist()), key
 
 
-def test_too_few_shards_for_the_readers_is_one_clear_error():
-    check_shard_count(8, processes=2, workers=4, source="d")
-    with pytest.raises(LIVEditorError, match="7 shards but 2 processes x 4 loader workers"):
-        check_shard_count(7, processes=2, workers=4, source="d")
+def test_too_few_shards_for_the_loader_workers_stops_training_up_front(tmp_path):
+    from liveditor.data.shapes import ShapeEditConfig
+    from liveditor.data.shards import write_shapeedit_shards
+
+    shards = tmp_path / "shards"
+    write_shapeedit_shards(shards, 4, samples_per_shard=2, config=ShapeEditConfig(frames=4, height=32, width=32),
+                           progress=False)
+    with pytest.raises(LIVEditorError, match="2 shards but 1 processes x 3 loader workers"):
+        train(tiny_config(tmp_path / "run", f'data.source="{shards}"', "data.num_workers=3", "train.max_steps=1"),
+              progress=False, export=False)
+
+
+def test_batch_renderer_trains_on_the_same_clips(tmp_path):
+    reference = train(tiny_config(tmp_path / "reference", "train.max_steps=1"), progress=False, export=False)
+    batched = train(tiny_config(tmp_path / "batch", "train.max_steps=1", 'data.renderer="batch"'),
+                    progress=False, export=False)
+    assert reference.last_loss == pytest.approx(batched.last_loss, rel=1e-5)
+    a = load_file(tmp_path / "reference" / CHECKPOINT_DIR / "model.safetensors")
+    b = load_file(tmp_path / "batch" / CHECKPOINT_DIR / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -69,11 +69,16 @@ class DataSection:
     """Where training clips come from: "procedural" (ShapeEdit generated on the fly) or a shard
     folder / glob written by `liveditor.data.shards`.
 
-    Procedural clips are an endless stream: the clip seed of every sample is a hash of (train.seed,
-    the stage, the process, the sample's index), so processes never share clips, a resumed run
-    continues the stream and a new stage (`train.init_from`) never replays an earlier one."""
+    Procedural clips are an endless stream: the clip seeds come from
+    `liveditor.data.shapes_batch.example_seeds(train.seed, stage, batch, batch_size, process, processes)`,
+    so processes never share clips, a resumed run continues the stream and a new stage
+    (`train.init_from`) never replays an earlier one. Keep batch_size and the number of processes
+    fixed within a stage."""
 
     source: str = "procedural"
+    renderer: str = "reference"  # procedural clips: "reference" (liveditor.data.shapes, one clip at a time
+    #                              in the loader workers) or "batch" (scenes drawn in the workers,
+    #                              pixels rendered a batch at a time on the training device); same clips
     start_seed: int = 0  # procedural: the first codec.stats_clips seeds estimate the latent statistics
     frames: int = 16
     height: int = 64
@@ -213,6 +218,10 @@ class TrainConfig:
             raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {self.optim.grad_clip}")
         if self.train.max_time_s < 0:
             raise ConfigError(f"train.max_time_s must be >= 0 (0: no time limit), got {self.train.max_time_s}")
+        if self.data.renderer not in ("reference", "batch"):
+            raise ConfigError(f'data.renderer must be "reference" or "batch", got {self.data.renderer!r}')
+        if self.train.seed >= 2**16:
+            raise ConfigError(f"train.seed must be < 65536 (it names the run's clip stream), got {self.train.seed}")
         if self.train.schedule not in ("new", "continue"):
             raise ConfigError(f'train.schedule must be "new" or "continue", got {self.train.schedule!r}')
         if self.train.val_per_family < 1:

@@ -18,12 +18,6 @@ def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def sample_sigmas(batch_size: int, shift: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Training noise levels t, shape [batch_size], in (0, 1)."""
-    u = torch.rand(batch_size, generator=generator, device=device)
-    return shift_sigmas(u, shift)
-
-
 def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor):
     """(x_t, velocity target) for clean latents x0 `[B, ...]`, noise like x0 and t `[B]`."""
     t = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)

@@ -118,7 +118,6 @@ def _shapeedit_config(config: TrainConfig):
 
 
 _MASK64 = (1 << 64) - 1
-CLIP_SEEDS, SAMPLE_SEEDS = 0, 1  # the two purposes a stream seed is drawn for
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -128,34 +127,39 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def stream_seeds(seed: int, stage: int, rank: int, purpose: int, indices) -> np.ndarray:
-    """Seeds (int64 in [0, 2**62)) of samples `indices` of one process in one training stage.
+def sample_seeds(seed: int, stage: int, rank: int, indices) -> np.ndarray:
+    """Seeds (int64 in [0, 2**62)) of the noise level, noise and instruction drop of samples
+    `indices` of one process in one training stage.
 
-    A hash of (seed, stage, rank, purpose, index): different processes, stages and purposes draw
-    unrelated streams, and sample `i` gets the same seed however the run was batched, accumulated or
-    interrupted.
+    A hash of (seed, stage, rank, index): processes and stages draw unrelated streams, and sample
+    `i` gets the same seed however the run was batched, accumulated or interrupted. (Which clip a
+    sample is comes from `liveditor.data.shapes_batch.example_seeds`.)
     """
     with np.errstate(over="ignore"):
         key = np.uint64(0)
-        for part in (seed, stage, rank, purpose):
+        for part in (seed, stage, rank):
             key = _mix64(np.uint64((int(key) ^ (int(part) & _MASK64)) & _MASK64) + np.uint64(0x9E3779B97F4A7C15))
         index = np.asarray(indices, dtype=np.uint64)
         out = _mix64(key + index * np.uint64(0x9E3779B97F4A7C15))
     return (out >> np.uint64(2)).astype(np.int64)
 
 
-class SeedStream(Sampler):
-    """Endless procedural clip seeds of one process: `stream_seeds(..., CLIP_SEEDS, start, start+1, ...)`."""
+class ClipSeeds(Sampler):
+    """Endless procedural clip seeds of one process: `example_seeds` of its batches from
+    `start_batch` on (disjoint between runs, stages, processes and batches)."""
 
-    def __init__(self, seed: int, stage: int, rank: int, start: int = 0):
-        self.seed, self.stage, self.rank, self.start = seed, stage, rank, start
+    def __init__(self, seed: int, stage: int, rank: int, world: int, batch_size: int, start_batch: int = 0):
+        self.args = (seed, stage, rank, world, batch_size)
+        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[int]:
-        index = self.start
+        from ..data.shapes_batch import example_seeds
+
+        seed, stage, rank, world, batch_size = self.args
+        batch_index = self.start_batch
         while True:
-            for value in stream_seeds(self.seed, self.stage, self.rank, CLIP_SEEDS, range(index, index + 1024)):
-                yield int(value)
-            index += 1024
+            yield from example_seeds(seed, stage, batch_index, batch_size, rank, world)
+            batch_index += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
         return 2**62
@@ -185,19 +189,9 @@ def video_batch_to_model(videos: torch.Tensor, device) -> torch.Tensor:
     return videos.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
-def check_shard_count(num_shards: int, processes: int, workers: int, source) -> None:
-    """Every loader worker of every process needs at least one shard, or a process waits forever."""
-    readers = processes * max(1, workers)
-    if num_shards < readers:
-        raise LIVEditorError(
-            f"{source} holds {num_shards} shards but {processes} processes x {max(1, workers)} loader workers "
-            f"read it: write at least {readers} shards (liveditor make-data --samples-per-shard) or lower "
-            "data.num_workers"
-        )
-
-
-def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: int, pin_memory: bool) -> Iterator[dict]:
+def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: int, device: torch.device) -> Iterator[dict]:
     """Endless training batches for this process, starting after `consumed` of its samples."""
+    pin_memory = device.type == "cuda"
     data = config.data
     common = dict(
         batch_size=config.train.batch_size,
@@ -208,15 +202,28 @@ def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: i
         # Its own generator, so creating the loader does not draw from the global RNG.
         generator=torch.Generator().manual_seed(config.train.seed * 1009 + rank),
     )
+    shape_config = _shapeedit_config(config)
+    batch_size, seed = config.train.batch_size, config.train.seed
+    if data.source == "procedural" and data.renderer == "batch":
+        # Scenes drawn in the loader workers, pixels rendered in batches on this process's device.
+        from ..data.shapes_batch import SceneBatchStream, ShapeEditBatchRenderer
+
+        stream = SceneBatchStream(batch_size, seed, stage, rank, world, consumed // batch_size, config=shape_config)
+        renderer = ShapeEditBatchRenderer(shape_config, device)
+        loader_args = {k: v for k, v in common.items() if k not in ("batch_size", "drop_last", "pin_memory")}
+        for scenes in DataLoader(stream, batch_size=None, persistent_workers=data.num_workers > 0, **loader_args):
+            clips = renderer.render_scenes(scenes)
+            yield {"source": clips.source, "target": clips.target, "instruction": clips.instructions}
+        return
     if data.source == "procedural":
-        sampler = SeedStream(config.train.seed, stage, rank, consumed)
-        yield from DataLoader(ProceduralClips(_shapeedit_config(config)), sampler=sampler,
+        sampler = ClipSeeds(seed, stage, rank, world, batch_size, consumed // batch_size)
+        yield from DataLoader(ProceduralClips(shape_config), sampler=sampler,
                               persistent_workers=data.num_workers > 0, **common)
         return
 
-    from ..data.shards import ShapeEditShards, resolve_shards
+    from ..data.shards import ShapeEditShards, check_shard_coverage
 
-    check_shard_count(len(resolve_shards(data.source)), world, data.num_workers, data.source)
+    check_shard_coverage(data.source, world, data.num_workers)
     # Shard streams resume with a fresh shuffle (epoch = samples already consumed, folded with the
     # stage), not mid-shard.
     epoch = consumed + stage * 1_000_003
@@ -591,7 +598,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     per_process_step = t_cfg.batch_size * t_cfg.grad_accum_steps
     samples_per_step = per_process_step * world
     consumed = (step - start_step) * per_process_step  # this process's samples so far in this stage
-    batches = _batches(config, stage, rank, world, consumed, device.type == "cuda")
+    batches = _batches(config, stage, rank, world, consumed, device)
     flops_per_clip = training_flops_per_clip(config)
     run_info = {
         "device": _device_name(device),
@@ -653,7 +660,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
                 first = consumed + micro * t_cfg.batch_size
-                seeds = stream_seeds(t_cfg.seed, stage, rank, SAMPLE_SEEDS, range(first, first + t_cfg.batch_size))
+                seeds = sample_seeds(t_cfg.seed, stage, rank, range(first, first + t_cfg.batch_size))
                 micro_batches.append((batch, seeds))
             lr = learning_rate(config, step, elapsed)
             loss_sum += step_fn(micro_batches, lr)

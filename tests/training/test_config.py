@@ -76,7 +76,7 @@ def test_unparsable_and_unknown_formats(tmp_path):
     (tmp_path / "a.ini").write_text("x")
     with pytest.raises(ConfigError, match="unsupported config format"):
         load_config(tmp_path / "a.ini")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="section.key"):
         load_config(None, ["lr=1"])

@@ -340,7 +340,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
+            raise ConfigError(f"training config not found: {path}")
         data = _read_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a table/mapping at the top level")

@@ -127,9 +127,8 @@ def run_demo(
 
 def _run_demo(out_dir: Path, seed, family, model, attention, steps, guidance, device, overwrite, print_fn):
     from .atomic import atomic_output
-    from .data.video_io import write_video
+    from .data.video_io import to_uint8_frames, write_video
     from .eval.metrics import edit_success, psnr, ssim
-    from .eval.shapeedit import to_uint8_video
     from .pipelines.loading import load_pipeline, resolve_device
 
     begin = time.perf_counter()
@@ -149,7 +148,7 @@ def _run_demo(out_dir: Path, seed, family, model, attention, steps, guidance, de
     result = pipe(example.source, example.instruction, num_inference_steps=steps, guidance_scale=guidance,
                   height=height, width=width, seed=seed, output_type="np")
     seconds = time.perf_counter() - start
-    edited = to_uint8_video(result.frames[0])
+    edited = to_uint8_frames(result.frames[0])
     if edited.shape != example.source.shape:
         raise LIVEditorError(f"the model returned a {edited.shape} video for a {example.source.shape} clip")
 

@@ -9,6 +9,14 @@ class LIVEditorError(Exception):
     """A user-facing problem: bad input, a missing file or model component."""
 
 
+class InvalidArgumentError(LIVEditorError, ValueError):
+    """A bad argument value given by a user (also a ValueError, for Python callers)."""
+
+
+class InputNotFoundError(LIVEditorError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError)."""
+
+
 class MissingDependencyError(LIVEditorError):
     """An optional dependency is not installed; the message names the `pip install` that fixes it."""
 

@@ -4,7 +4,8 @@ import pytest
 from liveditor.data.shapes import FAMILIES, generate_example
 from liveditor.eval.metrics import PSNR_CAP_DB
 from liveditor.atomic import write_json
-from liveditor.eval.shapeedit import evaluate_shapeedit, format_summary, to_uint8_video
+from liveditor.data.video_io import to_uint8_frames
+from liveditor.eval.shapeedit import evaluate_shapeedit, format_summary
 
 
 def _targets(per_family, split="test"):
@@ -80,7 +81,7 @@ def test_bad_editor_output_is_reported():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_float_frames_convert_to_uint8(seed):
     frames = np.random.default_rng(seed).random((2, 4, 4, 3))
-    out = to_uint8_video(frames)
+    out = to_uint8_frames(frames)
     assert out.dtype == np.uint8 and np.abs(out / 255.0 - frames).max() <= 0.5 / 255 + 1e-9
 
 
@@ -98,5 +99,5 @@ def test_batched_pipeline_edits_match_one_clip_calls(shapeedit_pipeline):
         for example, out in zip(examples, batched):
             alone = pipe(example.source, example.instruction, num_inference_steps=3, guidance_scale=guidance, seed=5,
                          attention_kwargs={"mode": mode}).frames[0]
-            difference = np.abs(out.astype(int) - to_uint8_video(alone).astype(int))
+            difference = np.abs(out.astype(int) - to_uint8_frames(alone).astype(int))
             assert difference.max() <= 1, (mode, example.family)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..errors import LIVEditorError
+from ..errors import InvalidArgumentError, LIVEditorError
 
 FAMILIES = ("swap", "recolor", "add", "remove", "background", "motion")
 SPLITS = ("train", "val", "test")
@@ -212,16 +212,16 @@ class ShapeEditConfig:
         for name in ("frames", "height", "width", "min_objects", "max_objects"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ShapeEditConfig.{name} must be a positive int, got {value!r}")
+                raise InvalidArgumentError(f"ShapeEditConfig.{name} must be a positive int, got {value!r}")
         if self.height < 16 or self.width < 16:
-            raise ValueError(f"ShapeEditConfig needs height and width >= 16, got {self.height}x{self.width}")
+            raise InvalidArgumentError(f"ShapeEditConfig needs height and width >= 16, got {self.height}x{self.width}")
         if self.max_objects > len(SHAPES) - 1:
             # "add" and "swap" need a shape that is not in the scene yet.
-            raise ValueError(f"ShapeEditConfig.max_objects must be <= {len(SHAPES) - 1}, got {self.max_objects}")
+            raise InvalidArgumentError(f"ShapeEditConfig.max_objects must be <= {len(SHAPES) - 1}, got {self.max_objects}")
         if self.min_objects > self.max_objects:
-            raise ValueError("ShapeEditConfig.min_objects must be <= max_objects")
+            raise InvalidArgumentError("ShapeEditConfig.min_objects must be <= max_objects")
         if not 0 <= self.min_speed <= self.max_speed:
-            raise ValueError("ShapeEditConfig needs 0 <= min_speed <= max_speed")
+            raise InvalidArgumentError("ShapeEditConfig needs 0 <= min_speed <= max_speed")
 
 
 @dataclass
@@ -507,7 +507,7 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
         params = {"object": index, "motion": motion}
         src_index, tgt_index = index, index
     else:
-        raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
+        raise InvalidArgumentError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
     templates = TEMPLATES["motion"][params["motion"]] if family == "motion" else TEMPLATES[family]
     instruction = _pick(rng, templates).format(**fields)
     return target, instruction, src_index, tgt_index, params
@@ -545,7 +545,7 @@ class EditCandidates:
 
     def __init__(self, seed: int, split: str = "train", family: str | None = None, config: ShapeEditConfig | None = None):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+            raise InvalidArgumentError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         seed = int(seed)

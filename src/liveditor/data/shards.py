@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..errors import LIVEditorError
 from ..atomic import atomic_directory, atomic_output, publish_file, temporary_path
+from ..errors import InputNotFoundError, InvalidArgumentError, LIVEditorError
 from .shapes import FAMILIES, SPLITS, ShapeEditConfig, ShapeEditExample, generate_example
 
 logger = logging.getLogger(__name__)
@@ -235,15 +235,15 @@ def write_shapeedit_shards(
     from tqdm.auto import tqdm
 
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+        raise InvalidArgumentError(f"num_examples must be a positive int, got {num_examples!r}")
     if isinstance(start_seed, bool) or not isinstance(start_seed, int) or start_seed < 0:
-        raise ValueError(f"start_seed must be a non-negative int, got {start_seed!r}")
+        raise InvalidArgumentError(f"start_seed must be a non-negative int, got {start_seed!r}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        raise InvalidArgumentError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     families = tuple(FAMILIES if families is None else families)
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown:
-        raise ValueError(f"unknown edit families {unknown or families!r}; known: {', '.join(FAMILIES)}")
+        raise InvalidArgumentError(f"unknown edit families {unknown or families!r}; known: {', '.join(FAMILIES)}")
     config = ShapeEditConfig() if config is None else config
     directory = Path(os.path.abspath(directory))  # "." or "out/" has a name to build beside
     _check_replaceable(directory, overwrite)
@@ -343,9 +343,9 @@ def resolve_shards(source) -> list[Path]:
         elif os.path.isfile(text):
             paths = [Path(text)]
         else:
-            raise FileNotFoundError(f"no shard file, folder or pattern at {text}")
+            raise InputNotFoundError(f"no shard file, folder or pattern at {text}")
     if not paths:
-        raise FileNotFoundError(f"no .tar shards found in {source}")
+        raise InputNotFoundError(f"no .tar shards found in {source}")
     return paths
 
 

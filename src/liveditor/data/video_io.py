@@ -195,14 +195,15 @@ def check_writable_video_path(path, overwrite: bool = False) -> Path:
 
 
 def to_uint8_frames(frames) -> np.ndarray:
-    """`[F, H, W, 3]` uint8 from uint8 or float-in-[0, 1] frames (numpy or torch, or a list of PIL images)."""
+    """`[F, H, W, 3]` (or a batch `[B, F, H, W, 3]`) uint8 from uint8 or float-in-[0, 1] frames (numpy
+    or torch, or a list of PIL images)."""
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(f.convert("RGB") if hasattr(f, "convert") else f) for f in frames])
     if hasattr(frames, "detach"):
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
+    if frames.ndim not in (4, 5) or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [F, H, W, 3] or [B, F, H, W, 3], got shape {frames.shape}")
     if frames.shape[0] == 0:
         raise ValueError("frames are empty (0 frames)")
     if frames.dtype == np.uint8:

@@ -16,20 +16,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.shapes import FAMILIES, ShapeEditConfig, generate_example
+from ..data.video_io import to_uint8_frames
+from ..errors import InvalidArgumentError
 from .metrics import PSNR_CAP_DB, edit_success, psnr, ssim
 
 # (sources uint8 [B, F, H, W, 3], instructions, attention mode) -> edited uint8 [B, F, H, W, 3]
 EditFn = Callable[[np.ndarray, list, str], np.ndarray]
 
 ATTENTION_MODES = ("isa", "dense")
-
-
-def to_uint8_video(frames) -> np.ndarray:
-    """A pipeline's float [..., H, W, 3] output in [0, 1] (or uint8) as uint8."""
-    array = np.asarray(frames)
-    if array.dtype == np.uint8:
-        return array
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -48,19 +42,18 @@ def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scal
         do_cfg = guidance > 1.0
         with torch.no_grad():
             pixels = torch.cat([pipe.prepare_video(source, height, width)[0] for source in sources])
-            prompts = [pipe.encode_prompt(text, None, do_cfg, device, dtype) for text in instructions]
+            prompts = [pipe.encode_prompt(text, None, do_cfg, device=device, dtype=dtype) for text in instructions]
             text = torch.cat([p for p, _ in prompts])
             negative = torch.cat([n for _, n in prompts]) if do_cfg else None
             context = pipe.encode_video(pixels).to(device=device, dtype=torch.float32)
             latents = torch.cat([
-                randn_tensor((1, *context.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(seed)),
+                randn_tensor((1, *context.shape[1:]), generator=torch.Generator(device).manual_seed(int(seed)),
                              device=device, dtype=torch.float32)
                 for _ in sources
             ])
             context = context.to(dtype)
-            pipe.scheduler.set_timesteps(steps, device=device)
             kwargs = {"mode": attention}
-            for t in pipe.scheduler.timesteps:
+            for t in pipe.set_sampling_timesteps(steps, device):
                 model_input = latents.to(dtype)
                 step_t = t.expand(latents.shape[0])
                 flow = pipe.transformer(model_input, step_t, text, context, attention_kwargs=kwargs, return_dict=False)[0]
@@ -71,7 +64,7 @@ def pipeline_edit_fn(pipe, num_inference_steps: int | None = None, guidance_scal
                 latents = pipe.scheduler.step(flow.float(), t, latents, return_dict=False)[0]
             video = pipe.decode_latents(latents).float().clamp(-1.0, 1.0)
         frames = ((video + 1.0) / 2.0).permute(0, 2, 3, 4, 1).cpu().numpy()  # [B, F, H, W, 3]
-        return to_uint8_video(frames)
+        return to_uint8_frames(frames)
 
     return edit
 
@@ -120,17 +113,17 @@ def evaluate_shapeedit(
     from tqdm.auto import tqdm
 
     if isinstance(per_family, bool) or not isinstance(per_family, int) or per_family < 1:
-        raise ValueError(f"per_family must be a positive int, got {per_family!r}")
+        raise InvalidArgumentError(f"per_family must be a positive int, got {per_family!r}")
     attentions = tuple(attentions)
     if not attentions or any(a not in ATTENTION_MODES for a in attentions) or len(set(attentions)) != len(attentions):
-        raise ValueError(f"attentions must be distinct modes from {ATTENTION_MODES}, got {attentions}")
+        raise InvalidArgumentError(f"attentions must be distinct modes from {ATTENTION_MODES}, got {attentions}")
     families = tuple(families)
     if not families or any(f not in FAMILIES for f in families):
-        raise ValueError(f"families must be from {FAMILIES}, got {families}")
+        raise InvalidArgumentError(f"families must be from {FAMILIES}, got {families}")
     if split not in ("val", "test"):
-        raise ValueError(f'split must be "val" or "test", got {split!r}')
+        raise InvalidArgumentError(f'split must be "val" or "test", got {split!r}')
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     config = ShapeEditConfig() if config is None else config
 
     clips = []

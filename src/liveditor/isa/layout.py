@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import segment_blocks
+
 
 @dataclass
 class BlockLayout:
@@ -27,8 +29,7 @@ class BlockLayout:
 
 def block_layout(num_source: int, num_context: int, block_size: int, device) -> BlockLayout:
     b = block_size
-    n_src = -(-num_source // b)
-    n_ctx = -(-num_context // b)
+    n_src, n_ctx = segment_blocks(num_source, num_context, b)
     offsets = torch.arange(b, device=device)
 
     def segment(start: int, length: int, n_blocks: int):

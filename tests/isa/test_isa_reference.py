@@ -95,8 +95,8 @@ def test_selection_size_and_ratio_counts():
     assert counts.num_exact == int(0.0625 * (510 + 64))
     tiny = block_counts(10, 5, ISAConfig(block_size=64))
     assert (tiny.num_selected, tiny.num_full, tiny.num_exact, tiny.topk_sharpness) == (1, 1, 1, 1)
-    tiny_floor = block_counts(10, 5, ISAConfig(block_size=64, count_rounding="floor"))
-    assert (tiny_floor.num_selected, tiny_floor.num_full, tiny_floor.num_exact, tiny_floor.topk_sharpness) == (1, 1, 1, 1)
+    floor = block_counts(10, 5, ISAConfig(block_size=64, count_rounding="floor"))
+    assert (floor.num_selected, floor.num_full, floor.num_exact, floor.topk_sharpness) == (1, 1, 1, 1)
 
 
 # The release's example (reference section 3): 544x960, 81 input frames -> (81 - 1) // 4 + 1 = 21 latent

@@ -29,8 +29,8 @@ def compiled(request):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (*sys.path, env.get("PYTHONPATH", "")) if p)
     script = Path(__file__).with_name("compile_for_hopper.py")
-    result = subprocess.run([sys.executable, str(script), request.param, *KERNELS], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run([sys.executable, str(script), request.param, *KERNELS], capture_output=True, text=True,
+                            env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return request.param, json.loads(result.stdout.strip().splitlines()[-1])
 

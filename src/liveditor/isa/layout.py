@@ -51,8 +51,15 @@ def block_layout(num_source: int, num_context: int, block_size: int, device) -> 
         slot_valid=slot_valid,
         block_length=slot_valid.sum(1),
         token_slot=token_slot,
-        token_block=token_slot // b,
+        token_block=token_blocks(num_source, num_context, b, device),
     )
+
+
+def token_blocks(num_source: int, num_context: int, block_size: int, device) -> torch.Tensor:
+    """Block of each token, `[N]` long (source and context blocked apart); static shapes, no layout."""
+    n_src, _ = segment_blocks(num_source, num_context, block_size)
+    token = torch.arange(num_source + num_context, device=device)
+    return torch.where(token < num_source, token, token + n_src * block_size - num_source) // block_size
 
 
 def tile_permutation(frames: int, rows: int, cols: int, tile: tuple[int, int, int], device=None) -> torch.Tensor:

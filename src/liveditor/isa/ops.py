@@ -28,8 +28,8 @@ import torch
 
 from .config import ISAConfig, ISAInfo, block_counts, segment_blocks
 from .dense_kernels import choose_dense_kernel, dense_exact_attention
-from .layout import block_layout
-from .reference import _flop_fraction, coarse_decisions
+from .layout import block_layout, token_blocks
+from .reference import coarse_decisions, flop_fraction
 from .triton_pool import pool_qkv
 from .triton_sparse import (
     gather_exact_rows,
@@ -84,9 +84,7 @@ def _isa_pool_backward(ctx, dqc, dkc, dvc):
         n_src, n_ctx = segment_blocks(ctx.num_source, n_tokens - ctx.num_source, b)
         blocks = torch.arange(n_src + n_ctx, device=grad.device)
         _, length = block_spans(blocks, ctx.num_source, n_tokens, b)
-        token = torch.arange(n_tokens, device=grad.device)
-        ctx_first = n_src * b - ctx.num_source  # shift from context tokens' positions to padded slots
-        token_block = torch.where(token < ctx.num_source, token, token + ctx_first) // b
+        token_block = token_blocks(ctx.num_source, n_tokens - ctx.num_source, b, grad.device)
         grads.append((grad / length[:, None].to(grad.dtype))[:, :, token_block].to(dtype))
     return (*grads, None, None)
 
@@ -323,10 +321,7 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
                                   plan.exact_lists, plan.exact_mask, exact_out, num_source, b, n_full, float(scale))
 
     if gate is not None:
-        n_src, _ = segment_blocks(num_source, num_context, b)
-        token = torch.arange(N, device=q.device)
-        token_block = torch.where(token < num_source, token, token + n_src * b - num_source) // b
-        coarse_out = (plan.probs @ plan.vc)[:, :, token_block]
+        coarse_out = (plan.probs @ plan.vc)[:, :, token_blocks(num_source, num_context, b, q.device)]
         out = (out.to(coarse_out.dtype) + gate.reshape(B, 1, N, 1).to(coarse_out.dtype) * coarse_out).to(q.dtype)
 
     if not return_info:
@@ -338,6 +333,6 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
         exact_query_blocks=plan.exact_query,
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
-        flop_fraction=_flop_fraction(layout, counts, plan.kept, plan.exact_query, plan.exact_key, N, gate is not None),
+        flop_fraction=flop_fraction(layout, counts, plan.kept, plan.exact_query, plan.exact_key, N, gate is not None),
     )
     return out, info

@@ -115,7 +115,7 @@ def _in_chunks(fn, n: int, per_item: int, use_checkpoint: bool, *args):
     return torch.cat(outputs, dim=2)
 
 
-def _flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_gate) -> float:
+def flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_gate) -> float:
     """Multiply-add FLOPs actually spent over dense attention's, averaged over batch and heads."""
     q_len = layout.block_length.double()  # [nb]
     kept_len = q_len[kept]  # [B, H, n_kv]
@@ -205,6 +205,6 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
         exact_query_blocks=exact_query,
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
-        flop_fraction=_flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
+        flop_fraction=flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
     )
     return out, info

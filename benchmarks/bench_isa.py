@@ -294,9 +294,10 @@ def main(argv=None) -> int:
     rows = []
     for name in shapes:
         B, H, L_src, L_ctx, D = SHAPES[name]
-        # Also time the other exact-group kernel: the Triton one where auto picks dense, masked
-        # dense (SDPA's choice) where the context's last block is partial and auto picks Triton.
-        dense_kernels = ("auto", "triton") if L_ctx % config.block_size == 0 else ("auto", "sdpa")
+        # Also time the other exact-group kernels: the Triton one where auto picks a dense kernel;
+        # masked dense kernels (SDPA's choice, cuDNN) where the context's last block is partial and
+        # auto picks Triton.
+        dense_kernels = ("auto", "triton") if L_ctx % config.block_size == 0 else ("auto", "sdpa", "cudnn")
         try:
             rows.append(bench_shape(name, B, H, L_src, L_ctx, D, config, dtype,
                                     backward=not args.no_backward and name != "wan_720p_81f",

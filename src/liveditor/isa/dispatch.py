@@ -39,9 +39,10 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
     try:
         from .ops import isa_attention_triton, triton_unsupported_reason
     except ImportError as exc:  # triton missing or broken
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if backend == "triton":
-            raise ValueError(f'backend="triton" is not available: {exc}') from exc
-        _log_fallback_once(f"the Triton kernels cannot be imported ({exc})", q)
+            raise ValueError(f'backend="triton" is not available: {first_line}') from exc
+        _log_fallback_once(f"the Triton kernels cannot be imported ({first_line})", q)
         return isa_attention_torch
     reason = triton_unsupported_reason(q, config)
     if backend == "auto" and reason is None and not q.is_cuda:

@@ -206,14 +206,20 @@ def test_triton_backend_refuses_what_it_cannot_run_and_matches_torch(seed):
         ops.isa_attention_triton(q, k, v, 20, config, dense_kernel="fa9")
 
 
-def _plan_tables(seed):
+@pytest.fixture(scope="module", params=[0], ids=lambda seed: f"seed{seed}")
+def planned(request):
+    """Inputs and the routing tables plan_isa makes for them (computed once: the pooling kernel is
+    slow under the interpreter)."""
     B, H, L_src, L_ctx, D, b = 2, 2, 40, 24, 32, 16
-    q, k, v = draw(B, H, L_src + L_ctx, D, torch.bfloat16, seed=seed)
+    q, k, v = draw(B, H, L_src + L_ctx, D, torch.bfloat16, seed=request.param)
     config = ISAConfig(block_size=b, select_ratio=0.5, exact_ratio=0.5)
     plan = ops.plan_isa(q, k, v, L_src, config, D ** -0.5)
-    tables = dict(pooled_k=plan.pooled_k, pooled_v=plan.pooled_v, kept=plan.kept32, query_order=plan.query_order,
-                  exact_lists=plan.exact_lists, exact_mask=plan.exact_mask)
-    return (q, k, v), tables, plan, L_src, b
+    return (q, k, v), plan, L_src, b
+
+
+def _tables(plan) -> dict:
+    return dict(pooled_k=plan.pooled_k, pooled_v=plan.pooled_v, kept=plan.kept32, query_order=plan.query_order,
+                exact_lists=plan.exact_lists, exact_mask=plan.exact_mask)
 
 
 def _transposed_copy(t):
@@ -221,7 +227,6 @@ def _transposed_copy(t):
     return t.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-@pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("name,bad,message", [
     ("kept", lambda t: t.long(), "kept must be torch.int32"),
     ("query_order", lambda t: t.long(), "query_order must be torch.int32"),
@@ -235,8 +240,9 @@ def _transposed_copy(t):
     ("pooled_v", _transposed_copy, "pooled_v must be contiguous"),
     ("query_order", lambda t: t[..., :-1].contiguous(), "query_order must have shape"),
 ])
-def test_kernel_wrappers_refuse_tables_they_would_misread(name, bad, message, seed):
-    (q, k, v), tables, plan, L_src, b = _plan_tables(seed)
+def test_kernel_wrappers_refuse_tables_they_would_misread(planned, name, bad, message):
+    (q, k, v), plan, L_src, b = planned
+    tables = _tables(plan)
     tables[name] = bad(tables[name])
     args = (tables["pooled_k"], tables["pooled_v"], tables["kept"], tables["query_order"], tables["exact_lists"],
             tables["exact_mask"])
@@ -249,9 +255,8 @@ def test_kernel_wrappers_refuse_tables_they_would_misread(name, bad, message, se
         sparse_backward(torch.ones_like(q), q, k, v, *args, out, lse, False, L_src, b, n_full, 0.1)
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_pack_and_row_wrappers_refuse_int64_and_strided_tables(seed):
-    (q, k, v), _, plan, L_src, b = _plan_tables(seed)
+def test_pack_and_row_wrappers_refuse_int64_and_strided_tables(planned):
+    (q, k, v), plan, L_src, b = planned
     n_full = plan.exact_query.sum(-1).max().item()
     with pytest.raises(ValueError, match="query_order must be torch.int32"):
         gather_exact_rows(q, plan.query_order.long(), L_src, b, n_full)

@@ -30,6 +30,13 @@ import torch
 from liveditor.isa import ISAConfig
 from liveditor.isa import ops
 from liveditor.isa.config import block_counts
+from liveditor.isa.dense_kernels import (
+    available_dense_kernels,
+    choose_dense_kernel,
+    dense_exact_attention,
+    dense_kernel_choices,
+    run_dense_kernel,
+)
 from liveditor.isa.reference import isa_attention_torch
 from liveditor.isa.triton_sparse import sparse_forward
 
@@ -62,41 +69,37 @@ def timed(fn, target_ms: float = 1500.0, min_reps: int = 3, max_reps: int = 100)
     return statistics.median(begin.elapsed_time(end) for begin, end in events)
 
 
-def dense_backends() -> list[str]:
-    return ops._dense_candidates(masked=False)
-
-
 def dense_forward(name, q, k, v):
-    return lambda: ops._run_dense(name, q, k, v, None, None)
+    return lambda: run_dense_kernel(name, q, k, v)
 
 
 def dense_fwd_bwd(name, q, k, v, grad):
     def run():
         q.grad = k.grad = v.grad = None
-        ops._run_dense(name, q, k, v, None, None).backward(grad)
+        run_dense_kernel(name, q, k, v).backward(grad)
 
     return run
 
 
-def isa_forward(q, k, v, num_source, config, exact_kernel):
+def isa_forward(q, k, v, num_source, config, dense_kernel):
     def run():
         with torch.no_grad():
-            ops.isa_attention_triton(q, k, v, num_source, config, scale=q.shape[-1] ** -0.5, exact_kernel=exact_kernel)
+            ops.isa_attention_triton(q, k, v, num_source, config, scale=q.shape[-1] ** -0.5, dense_kernel=dense_kernel)
 
     return run
 
 
-def isa_fwd_bwd(q, k, v, num_source, config, grad, exact_kernel):
+def isa_fwd_bwd(q, k, v, num_source, config, grad, dense_kernel):
     def run():
         q.grad = k.grad = v.grad = None
         out = ops.isa_attention_triton(q, k, v, num_source, config, scale=q.shape[-1] ** -0.5,
-                                       exact_kernel=exact_kernel)
+                                       dense_kernel=dense_kernel)
         out.backward(grad)
 
     return run
 
 
-def stage_breakdown(q, k, v, num_source, config, exact_kernel) -> dict:
+def stage_breakdown(q, k, v, num_source, config, dense_kernel) -> dict:
     """Forward time of each ISA stage, each timed on its own (same inputs, same decisions)."""
     B, H, N, D = q.shape
     b = config.block_size
@@ -109,20 +112,21 @@ def stage_breakdown(q, k, v, num_source, config, exact_kernel) -> dict:
         plan_ms = timed(lambda: ops.plan_isa(q, k, v, num_source, config, scale))
         stages["scoring+selection"] = plan_ms - stages["pooling"]
         plan = ops.plan_isa(q, k, v, num_source, config, scale)
-        use_dense = exact_kernel == "dense" or (exact_kernel == "auto" and (N - num_source) % b == 0)
+        masked = (N - num_source) % b != 0
+        name = choose_dense_kernel(q, masked, setting=dense_kernel)
         common = (q, k, v, plan.pooled_k, plan.pooled_v, plan.kept32, plan.query_order, plan.exact_lists,
                   plan.exact_mask)
-        if use_dense:
-            exact_all = timed(lambda: ops._exact_group_dense(q, k, v, plan.query_order, plan.selected, num_source,
-                                                              b, n_full, scale))
-            exact_out = ops._exact_group_dense(q, k, v, plan.query_order, plan.selected, num_source, b, n_full,
-                                               scale)
-            # The dense kernel alone, on inputs of the same shapes: the rest of exact_all is the gather.
+        if name != "triton":
+            exact_all = timed(lambda: ops.exact_group_dense(q, k, v, plan.query_order, plan.selected32, num_source,
+                                                            b, n_full, scale, name))
+            exact_out = ops.exact_group_dense(q, k, v, plan.query_order, plan.selected32, num_source, b, n_full,
+                                              scale, name)
+            # The dense kernel alone, on inputs of the same shapes (no key mask): the rest of exact_all
+            # is the gather (and the mask, if any).
             q_ex = q[:, :, : n_full * b].contiguous()
             kv_len = num_source + counts.num_selected * b
             k_ex, v_ex = k[:, :, :kv_len].contiguous(), v[:, :, :kv_len].contiguous()
-            name = ops.dense_exact_kernel(q, masked=False)
-            stages["exact group"] = timed(lambda: ops.dense_attention_by(name, q_ex, k_ex, v_ex, None, scale))
+            stages["exact group"] = timed(lambda: dense_exact_attention(name, q_ex, k_ex, v_ex, None, scale))
             stages["gather"] = max(0.0, exact_all - stages["exact group"])
             stages["taylor group"] = timed(lambda: sparse_forward(*common, exact_out, num_source, b, n_full, scale,
                                                                   stages=("attend",)))
@@ -151,35 +155,38 @@ def extra_memory(fn) -> int:
 
 
 def bench_shape(name, B, H, L_src, L_ctx, D, config, dtype, backward: bool, breakdown: bool,
-                exact_kernels=("auto",)) -> dict:
+                dense_kernels=("auto",)) -> dict:
     N = L_src + L_ctx
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     dense_flops = 4.0 * B * H * N * N * D
     row = dict(shape=name, B=B, H=H, L_src=L_src, L_ctx=L_ctx, D=D, N=N, dtype=str(dtype).replace("torch.", ""),
                dense_fwd_tflop=dense_flops / 1e12, dense_fwd_ms={}, isa_fwd_ms={})
-    for backend in dense_backends():
+    for backend in available_dense_kernels(masked=False):
         try:
             row["dense_fwd_ms"][backend] = timed(dense_forward(backend, q, k, v))
         except RuntimeError as exc:
             row["dense_fwd_ms"][backend] = None
             print(f"  {name}: dense {backend} failed: {str(exc).splitlines()[0]}", file=sys.stderr)
-    for exact_kernel in exact_kernels:
-        row["isa_fwd_ms"][exact_kernel] = timed(isa_forward(q, k, v, L_src, config, exact_kernel))
+    for dense_kernel in dense_kernels:
+        row["isa_fwd_ms"][dense_kernel] = timed(isa_forward(q, k, v, L_src, config, dense_kernel))
     with torch.no_grad():
-        _, info = ops.isa_attention_triton(q, k, v, L_src, config, scale=D ** -0.5, return_info=True)
+        _, info = ops.isa_attention_triton(q, k, v, L_src, config, scale=D ** -0.5, return_info=True,
+                                           dense_kernel=dense_kernels[0])
     row["flop_fraction"] = info.flop_fraction
-    isa_ms = row["isa_fwd_ms"][exact_kernels[0]]
+    row["exact_group_kernel"] = choose_dense_kernel(q, masked=L_ctx % config.block_size != 0,
+                                                    setting=dense_kernels[0])
+    isa_ms = row["isa_fwd_ms"][dense_kernels[0]]
     dense_ok = {b_: ms for b_, ms in row["dense_fwd_ms"].items() if ms}
     row["speedup_fwd"] = {b_: ms / isa_ms for b_, ms in dense_ok.items()}
     row["fastest_dense"] = min(dense_ok, key=dense_ok.get) if dense_ok else None
     row["isa_effective_tflops"] = dense_flops / isa_ms / 1e9
     row["isa_actual_tflops"] = info.flop_fraction * dense_flops / isa_ms / 1e9
     row["dense_tflops"] = {b_: dense_flops / ms / 1e9 for b_, ms in dense_ok.items()}
-    row["isa_extra_memory_bytes"] = extra_memory(isa_forward(q, k, v, L_src, config, exact_kernels[0]))
+    row["isa_extra_memory_bytes"] = extra_memory(isa_forward(q, k, v, L_src, config, dense_kernels[0]))
     row["qkv_bytes_each"] = q.numel() * q.element_size()
     if breakdown:
-        row["stages_ms"] = stage_breakdown(q, k, v, L_src, config, exact_kernels[0])
+        row["stages_ms"] = stage_breakdown(q, k, v, L_src, config, dense_kernels[0])
         attention = row["stages_ms"]["exact group"] + row["stages_ms"]["taylor group"]
         others = sum(v_ for k_, v_ in row["stages_ms"].items() if isinstance(v_, float)) - attention
         row["other_stages_fraction"] = others / isa_ms
@@ -193,7 +200,7 @@ def bench_shape(name, B, H, L_src, L_ctx, D, config, dtype, backward: bool, brea
                 row["dense_bwd_ms"][backend] = timed(dense_fwd_bwd(backend, q, k, v, grad)) - dense_ok[backend]
             except RuntimeError as exc:
                 print(f"  {name}: dense {backend} backward failed: {str(exc).splitlines()[0]}", file=sys.stderr)
-        row["isa_bwd_ms"] = timed(isa_fwd_bwd(q, k, v, L_src, config, grad, exact_kernels[0])) - isa_ms
+        row["isa_bwd_ms"] = timed(isa_fwd_bwd(q, k, v, L_src, config, grad, dense_kernels[0])) - isa_ms
         row["speedup_bwd"] = {b_: ms / row["isa_bwd_ms"] for b_, ms in row["dense_bwd_ms"].items()}
         for x in (q, k, v):
             x.grad = None
@@ -287,13 +294,14 @@ def main(argv=None) -> int:
     rows = []
     for name in shapes:
         B, H, L_src, L_ctx, D = SHAPES[name]
-        # Also time the other exact-group kernel: the Triton one where auto picks dense, masked
-        # dense where the context's last block is partial and auto picks Triton.
-        exact_kernels = ("auto", "triton") if L_ctx % config.block_size == 0 else ("auto", "dense")
+        # Also time the other exact-group kernels: the Triton one where auto picks a dense kernel;
+        # masked dense kernels (SDPA's choice, cuDNN) where the context's last block is partial and
+        # auto picks Triton.
+        dense_kernels = ("auto", "triton") if L_ctx % config.block_size == 0 else ("auto", "sdpa", "cudnn")
         try:
             rows.append(bench_shape(name, B, H, L_src, L_ctx, D, config, dtype,
                                     backward=not args.no_backward and name != "wan_720p_81f",
-                                    breakdown=True, exact_kernels=exact_kernels))
+                                    breakdown=True, dense_kernels=dense_kernels))
         except torch.OutOfMemoryError:
             print(f"  {name}: out of memory, skipped", file=sys.stderr)
         torch.cuda.empty_cache()
@@ -312,6 +320,7 @@ def main(argv=None) -> int:
 
     print()
     print_table(rows)
+    meta["dense_kernel_choices"] = {" ".join(map(str, key)): name for key, name in dense_kernel_choices().items()}
     write_json(args.json_path, meta, rows)
     print(f"# wrote {args.json_path}")
     return 0

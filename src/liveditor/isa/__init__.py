@@ -6,5 +6,15 @@
 
 from .api import coarse_residual, dense_attention, isa_attention
 from .config import ISAConfig, ISAInfo
+from .dense_kernels import dense_kernel_choices, dense_kernel_setting, set_dense_kernel
 
-__all__ = ["ISAConfig", "ISAInfo", "coarse_residual", "dense_attention", "isa_attention"]
+__all__ = [
+    "ISAConfig",
+    "ISAInfo",
+    "coarse_residual",
+    "dense_attention",
+    "dense_kernel_choices",
+    "dense_kernel_setting",
+    "isa_attention",
+    "set_dense_kernel",
+]

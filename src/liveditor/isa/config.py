@@ -9,6 +9,7 @@ import torch
 
 SHARPNESS_STATISTICS = ("energy", "topk")
 TOKEN_ORDERS = ("raster", "tile")
+COUNT_ROUNDINGS = ("ceil", "floor")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class ISAConfig:
     token_order: "raster" keeps the model's (frame, row, column) order; "tile" permutes each
         segment into contiguous spatio-temporal tiles before blocking (needs the latent grid).
     tile: (frames, rows, columns) of one tile for token_order="tile".
+    count_rounding: how ratio x block count becomes a whole number of blocks. "ceil": the kept
+        context blocks and the exact query blocks round up (never less than the ratio asks), the
+        exact key blocks per Taylor block and the top-k of the sharpness statistic round down.
+        "floor": all four round down, as the released code does (`int()`). Every count is then
+        clamped to [1, available].
     """
 
     block_size: int = 64
@@ -34,6 +40,7 @@ class ISAConfig:
     sharpness: str = "energy"
     token_order: str = "raster"
     tile: tuple[int, int, int] = (4, 4, 4)
+    count_rounding: str = "ceil"
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -46,6 +53,8 @@ class ISAConfig:
             raise ValueError(f"ISAConfig.sharpness must be one of {SHARPNESS_STATISTICS}, got {self.sharpness!r}")
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"ISAConfig.token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
+        if self.count_rounding not in COUNT_ROUNDINGS:
+            raise ValueError(f"ISAConfig.count_rounding must be one of {COUNT_ROUNDINGS}, got {self.count_rounding!r}")
         tile = tuple(self.tile)
         if len(tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
             raise ValueError(f"ISAConfig.tile must be three positive ints (frames, rows, columns), got {self.tile!r}")
@@ -69,7 +78,13 @@ def ceil_count(ratio: float, n: int) -> int:
 
 
 def floor_count(ratio: float, n: int) -> int:
+    """floor(ratio * n), robust to binary fractions such as 0.29 * 100 (int() would give 28)."""
     return math.floor(ratio * n + 1e-6)
+
+
+def segment_blocks(num_source: int, num_context: int, block_size: int) -> tuple[int, int]:
+    """(source blocks, context blocks): each segment is padded to whole blocks on its own."""
+    return -(-num_source // block_size), -(-num_context // block_size)
 
 
 @dataclass(frozen=True)
@@ -93,17 +108,21 @@ class BlockCounts:
 
 
 def block_counts(num_source: int, num_context: int, config: ISAConfig) -> BlockCounts:
-    b = config.block_size
-    n_src = -(-num_source // b)
-    n_ctx = -(-num_context // b)
+    """Every block count of one ISA call (the one place they are computed; see docs/isa-semantics.md)."""
+    n_src, n_ctx = segment_blocks(num_source, num_context, config.block_size)
     nb = n_src + n_ctx
-    n_sel = min(n_ctx, max(1, ceil_count(config.select_ratio, n_ctx))) if n_ctx else 0
+    keep_count = floor_count if config.count_rounding == "floor" else ceil_count
+
+    def clamp(count: int, available: int) -> int:
+        return min(available, max(1, count))
+
+    n_sel = clamp(keep_count(config.select_ratio, n_ctx), n_ctx) if n_ctx else 0
     n_kv = n_src + n_sel
     return BlockCounts(
         num_source_blocks=n_src,
         num_context_blocks=n_ctx,
         num_selected=n_sel,
-        num_full=min(nb, max(1, ceil_count(config.full_ratio, nb))),
-        num_exact=min(n_kv, max(1, floor_count(config.exact_ratio, n_kv))),
-        topk_sharpness=min(n_src, max(1, floor_count(config.exact_ratio, n_src))),
+        num_full=clamp(keep_count(config.full_ratio, nb), nb),
+        num_exact=clamp(floor_count(config.exact_ratio, n_kv), n_kv),
+        topk_sharpness=clamp(floor_count(config.exact_ratio, n_src), n_src),
     )

@@ -2,7 +2,9 @@
 
 "torch": the PyTorch path (any device and dtype, the reference). "triton": the Triton kernels
 (CUDA; also Triton's CPU interpreter when TRITON_INTERPRET=1, for tests). "auto": triton where it
-runs, else torch, saying once in a log line why it fell back.
+runs, else torch, saying once per reason in a log line why it fell back: at WARNING for CUDA inputs
+(the kernels were expected and a slower path runs), at INFO otherwise (the PyTorch path is the
+normal one on CPU).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ logger = logging.getLogger(__name__)
 _fallbacks_logged: set[str] = set()
 
 
-def _log_fallback_once(reason: str) -> None:
+def _log_fallback_once(reason: str, q: torch.Tensor) -> None:
     if reason not in _fallbacks_logged:
         _fallbacks_logged.add(reason)
-        logger.info("ISA backend auto: using the PyTorch path because %s", reason)
+        level = logging.WARNING if q.is_cuda else logging.INFO
+        logger.log(level, "ISA backend auto: using the PyTorch path because %s", reason)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callable:
@@ -36,9 +39,10 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
     try:
         from .ops import isa_attention_triton, triton_unsupported_reason
     except ImportError as exc:  # triton missing or broken
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if backend == "triton":
-            raise ValueError(f'backend="triton" is not available: {exc}') from exc
-        _log_fallback_once(f"the Triton kernels cannot be imported ({exc})")
+            raise ValueError(f'backend="triton" is not available: {first_line}') from exc
+        _log_fallback_once(f"the Triton kernels cannot be imported ({first_line})", q)
         return isa_attention_torch
     reason = triton_unsupported_reason(q, config)
     if backend == "auto" and reason is None and not q.is_cuda:
@@ -47,5 +51,5 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
         return isa_attention_triton
     if backend == "triton":
         raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
-    _log_fallback_once(reason)
+    _log_fallback_once(reason, q)
     return isa_attention_torch

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import segment_blocks
+
 
 @dataclass
 class BlockLayout:
@@ -27,8 +29,7 @@ class BlockLayout:
 
 def block_layout(num_source: int, num_context: int, block_size: int, device) -> BlockLayout:
     b = block_size
-    n_src = -(-num_source // b)
-    n_ctx = -(-num_context // b)
+    n_src, n_ctx = segment_blocks(num_source, num_context, b)
     offsets = torch.arange(b, device=device)
 
     def segment(start: int, length: int, n_blocks: int):
@@ -50,8 +51,15 @@ def block_layout(num_source: int, num_context: int, block_size: int, device) -> 
         slot_valid=slot_valid,
         block_length=slot_valid.sum(1),
         token_slot=token_slot,
-        token_block=token_slot // b,
+        token_block=token_blocks(num_source, num_context, b, device),
     )
+
+
+def token_blocks(num_source: int, num_context: int, block_size: int, device) -> torch.Tensor:
+    """Block of each token, `[N]` long (source and context blocked apart); static shapes, no layout."""
+    n_src, _ = segment_blocks(num_source, num_context, block_size)
+    token = torch.arange(num_source + num_context, device=device)
+    return torch.where(token < num_source, token, token + n_src * block_size - num_source) // block_size
 
 
 def tile_permutation(frames: int, rows: int, cols: int, tile: tuple[int, int, int], device=None) -> torch.Tensor:

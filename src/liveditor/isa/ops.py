@@ -6,10 +6,10 @@ decisions (it calls `reference.coarse_decisions` on the pooled tensors):
 1. `liveditor::isa_pool`: fp32 block means of q, k, v (Triton, one pass).
 2. Coarse logits, softmax, context ranking, sharpness routing and each flat block's exact key
    blocks: torch ops on the device (top-k stays on the GPU, no host sync).
-3. Exact group: the fastest dense kernel present, chosen by measurement (FlashAttention-3 if
-   installed, else SDPA cuDNN / flash / efficient) over the sharp query blocks and the kept keys,
-   packed by a Triton kernel; or the Triton attention kernel itself when the kept keys carry
-   padding (the context's last block is partial), so that no key mask is needed.
+3. Exact group: a dense kernel (see `dense_kernels`: measured or pinned, FlashAttention-3 if
+   installed, SDPA cuDNN / flash / efficient) over the sharp query blocks and the kept keys,
+   packed by a Triton kernel; or the Triton attention kernel itself, by default when the kept keys
+   carry padding (the context's last block is partial), so that no key mask is needed.
 4. `liveditor::isa_sparse_attention`: the Taylor group and the scatter of the exact group into
    token order, one kernel launch each (Triton).
 5. Optional coarse residual (torch ops).
@@ -20,17 +20,16 @@ custom ops with fake implementations, everything else is aten ops with static sh
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .config import ISAConfig, ISAInfo, block_counts
-from .layout import block_layout
-from .reference import _flop_fraction, coarse_decisions
+from .config import ISAConfig, ISAInfo, block_counts, segment_blocks
+from .dense_kernels import choose_dense_kernel, dense_exact_attention
+from .layout import block_layout, token_blocks
+from .reference import coarse_decisions, flop_fraction
 from .triton_pool import pool_qkv
 from .triton_sparse import (
     gather_exact_rows,
@@ -41,19 +40,10 @@ from .triton_sparse import (
     unpack_kept,
 )
 
-logger = logging.getLogger(__name__)
-
-EXACT_KERNELS = ("auto", "dense", "triton")
-
-
-def _num_blocks(num_source: int, n_tokens: int, block_size: int) -> tuple[int, int]:
-    n_src = -(-num_source // block_size)
-    return n_src, n_src + -(-(n_tokens - num_source) // block_size)
-
 
 def block_spans(blocks: torch.Tensor, num_source: int, n_tokens: int, block_size: int):
-    """First token and true length of each block id in `blocks` (same shape, long)."""
-    n_src = -(-num_source // block_size)
+    """First token and true length of each block id in `blocks` (same shape and dtype)."""
+    n_src, _ = segment_blocks(num_source, n_tokens - num_source, block_size)
     is_src = blocks < n_src
     start = torch.where(is_src, blocks * block_size, num_source + (blocks - n_src) * block_size)
     limit = torch.where(is_src, torch.full_like(blocks, num_source), torch.full_like(blocks, n_tokens))
@@ -73,7 +63,7 @@ def isa_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_source: int,
 @isa_pool.register_fake
 def _isa_pool_fake(q, k, v, num_source, block_size):
     B, H, N, D = q.shape
-    _, nb = _num_blocks(num_source, N, block_size)
+    nb = sum(segment_blocks(num_source, N - num_source, block_size))
     return tuple(q.new_empty(B, H, nb, D, dtype=torch.float32) for _ in range(3))
 
 
@@ -91,12 +81,10 @@ def _isa_pool_backward(ctx, dqc, dkc, dvc):
         if grad is None:
             grads.append(None)
             continue
-        n_src, nb = _num_blocks(ctx.num_source, n_tokens, b)
-        blocks = torch.arange(nb, device=grad.device)
+        n_src, n_ctx = segment_blocks(ctx.num_source, n_tokens - ctx.num_source, b)
+        blocks = torch.arange(n_src + n_ctx, device=grad.device)
         _, length = block_spans(blocks, ctx.num_source, n_tokens, b)
-        token = torch.arange(n_tokens, device=grad.device)
-        ctx_first = n_src * b - ctx.num_source  # shift from context tokens' positions to padded slots
-        token_block = torch.where(token < ctx.num_source, token, token + ctx_first) // b
+        token_block = token_blocks(ctx.num_source, n_tokens - ctx.num_source, b, grad.device)
         grads.append((grad / length[:, None].to(grad.dtype))[:, :, token_block].to(dtype))
     return (*grads, None, None)
 
@@ -233,87 +221,6 @@ def _pack_backward(ctx, dq_ex, dk_ex, dv_ex):
 isa_pack_exact.register_autograd(_pack_backward, setup_context=_pack_setup)
 
 
-# ------------------------------------------------------------------- dense kernel for the exact group
-
-_DENSE_CHOICE: dict = {}
-
-
-def _dense_candidates(masked: bool) -> list[str]:
-    names = []
-    if not masked:
-        try:
-            import flash_attn_interface  # noqa: F401  FlashAttention-3 (Hopper)
-
-            names.append("fa3")
-        except ImportError:
-            pass
-    return names + ["cudnn", "flash", "efficient"]
-
-
-def _run_dense(name: str, q, k, v, mask, scale):
-    if name == "fa3":
-        from flash_attn_interface import flash_attn_func
-
-        result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
-        out = result[0] if isinstance(result, tuple) else result
-        return out.transpose(1, 2)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
-    with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _measure_dense(device, dtype, head_dim: int, masked: bool) -> str:
-    """The fastest dense kernel on this device for a mid-size problem (forward, CUDA events)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (1, 8, 8192, head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
-    mask = torch.rand(1, 1, 1, shape[2], device=device, generator=gen) > 0.01 if masked else None
-    timings = {}
-    for name in _dense_candidates(masked):
-        try:
-            for _ in range(2):
-                _run_dense(name, q, k, v, mask, None)
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                _run_dense(name, q, k, v, mask, None)
-            stop.record()
-            stop.synchronize()
-            timings[name] = start.elapsed_time(stop) / 5
-        except (RuntimeError, TypeError, ValueError):
-            continue
-    if not timings:
-        return "default"
-    best = min(timings, key=timings.get)
-    logger.info("ISA exact group: dense kernel %r (forward ms at [1,8,8192,%d]: %s)", best, head_dim,
-                {name: round(ms, 3) for name, ms in timings.items()})
-    return best
-
-
-def dense_exact_kernel(q: torch.Tensor, masked: bool) -> str:
-    """Name of the dense kernel used for the exact group on q's device ("default" = SDPA's own pick)."""
-    if not q.is_cuda:
-        return "default"
-    key = (q.device.index, q.dtype, q.shape[-1], masked)
-    if key not in _DENSE_CHOICE:
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return "default"
-        _DENSE_CHOICE[key] = _measure_dense(q.device, q.dtype, q.shape[-1], masked)
-    return _DENSE_CHOICE[key]
-
-
-def dense_attention_by(name: str, q, k, v, mask, scale):
-    if name == "default" or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    try:
-        return _run_dense(name, q, k, v, mask, scale)
-    except RuntimeError:  # the measured kernel refuses this shape: let SDPA choose
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 # ------------------------------------------------------------------------------ the operator
 
 
@@ -334,20 +241,23 @@ def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
     return None
 
 
-def _exact_group_dense(q, k, v, query_order, selected, num_source, block_size, num_full, scale):
-    """The exact group through a dense kernel: packed `[B, H, num_full*b, D]` in query_order."""
+def exact_group_dense(q, k, v, query_order, selected, num_source: int, block_size: int, num_full: int,
+                      scale: float, kernel: str):
+    """The exact group through dense kernel `kernel`: packed `[B, H, num_full*b, D]` in query_order.
+
+    query_order, selected: int32 tables from plan_isa (`query_order`, `selected32`).
+    """
     B, H, N, D = q.shape
     b = block_size
     q_ex, k_ex, v_ex = isa_pack_exact(q, k, v, query_order, selected, num_source, b, num_full)
     mask = None
     if (N - num_source) % b:  # the last context block is partial: its padding slots must not count
-        n_src, _ = _num_blocks(num_source, N, b)
+        n_src, _ = segment_blocks(num_source, N - num_source, b)
         _, ctx_len = block_spans(selected + n_src, num_source, N, b)
         ctx_valid = (torch.arange(b, device=q.device) < ctx_len[..., None]).flatten(2)
         src_valid = torch.ones(B, H, num_source, dtype=torch.bool, device=q.device)
         mask = torch.cat([src_valid, ctx_valid], dim=2)[:, :, None, :]
-    name = dense_exact_kernel(q, mask is not None)
-    return dense_attention_by(name, q_ex, k_ex, v_ex, mask, scale)
+    return dense_exact_attention(kernel, q_ex, k_ex, v_ex, mask, scale)
 
 
 @dataclass
@@ -358,7 +268,8 @@ class ISAPlan:
     vc: torch.Tensor  # [B, H, nb, D] fp32 pooled values
     kept: torch.Tensor  # [B, H, n_kv] long kept key blocks
     kept32: torch.Tensor  # the same, int32
-    selected: torch.Tensor  # [B, H, n_sel] selected context blocks
+    selected: torch.Tensor  # [B, H, n_sel] long selected context blocks
+    selected32: torch.Tensor  # the same, int32
     exact_query: torch.Tensor  # [B, H, nb] bool
     exact_key: torch.Tensor  # [B, H, nb, n_kv] bool
     query_order: torch.Tensor  # [B, H, nb] int32: exact-group blocks first, then Taylor blocks
@@ -380,6 +291,7 @@ def plan_isa(q, k, v, num_source: int, config: ISAConfig, scale: float) -> ISAPl
     kept_index = kept[..., None].expand(B, H, counts.num_kept, D)
     return ISAPlan(
         probs=probs, vc=vc, kept=kept, kept32=kept.to(torch.int32).contiguous(), selected=selected,
+        selected32=selected.to(torch.int32).contiguous(),
         exact_query=exact_query, exact_key=exact_key,
         query_order=query_order.to(torch.int32).contiguous(), exact_mask=exact_mask, exact_lists=exact_lists,
         pooled_k=kc.gather(2, kept_index).to(q.dtype), pooled_v=vc.gather(2, kept_index).to(v.dtype),
@@ -387,15 +299,12 @@ def plan_isa(q, k, v, num_source: int, config: ISAConfig, scale: float) -> ISAPl
 
 
 def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None, scale: float = 1.0,
-                         return_info: bool = False, exact_kernel: str = "auto"):
+                         return_info: bool = False, dense_kernel: str | None = None):
     """ISA on already-validated `[B, H, N, D]` inputs with the Triton kernels (see isa_attention).
 
-    exact_kernel: "dense" runs the exact group through the fastest dense kernel, "triton" through
-    this package's kernel, "auto" picks dense unless the kept keys hold padding (context length
-    not a multiple of the block size), where the dense kernels would need a mask.
+    dense_kernel: the exact group's kernel, one of dense_kernels.DENSE_KERNEL_SETTINGS; None (the
+    default) follows the process setting (set_dense_kernel / LIVEDITOR_ISA_DENSE_KERNEL / "auto").
     """
-    if exact_kernel not in EXACT_KERNELS:
-        raise ValueError(f"exact_kernel must be one of {EXACT_KERNELS}, got {exact_kernel!r}")
     B, H, N, D = q.shape
     b = config.block_size
     num_context = N - num_source
@@ -403,18 +312,16 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
     n_full = counts.num_full
 
     plan = plan_isa(q, k, v, num_source, config, scale)
-    use_dense = exact_kernel == "dense" or (exact_kernel == "auto" and num_context % b == 0)
+    kernel = choose_dense_kernel(q, masked=num_context % b != 0, setting=dense_kernel)
     exact_out = None
-    if use_dense:
-        exact_out = _exact_group_dense(q, k, v, plan.query_order, plan.selected, num_source, b, n_full, scale)
+    if kernel != "triton":
+        exact_out = exact_group_dense(q, k, v, plan.query_order, plan.selected32, num_source, b, n_full, scale,
+                                      kernel)
     out, _ = isa_sparse_attention(q, k, v, plan.pooled_k, plan.pooled_v, plan.kept32, plan.query_order,
                                   plan.exact_lists, plan.exact_mask, exact_out, num_source, b, n_full, float(scale))
 
     if gate is not None:
-        n_src, _ = _num_blocks(num_source, N, b)
-        token = torch.arange(N, device=q.device)
-        token_block = torch.where(token < num_source, token, token + n_src * b - num_source) // b
-        coarse_out = (plan.probs @ plan.vc)[:, :, token_block]
+        coarse_out = (plan.probs @ plan.vc)[:, :, token_blocks(num_source, num_context, b, q.device)]
         out = (out.to(coarse_out.dtype) + gate.reshape(B, 1, N, 1).to(coarse_out.dtype) * coarse_out).to(q.dtype)
 
     if not return_info:
@@ -426,6 +333,6 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
         exact_query_blocks=plan.exact_query,
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
-        flop_fraction=_flop_fraction(layout, counts, plan.kept, plan.exact_query, plan.exact_key, N, gate is not None),
+        flop_fraction=flop_fraction(layout, counts, plan.kept, plan.exact_query, plan.exact_key, N, gate is not None),
     )
     return out, info

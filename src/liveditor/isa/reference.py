@@ -75,11 +75,17 @@ def _softmax_attend(logits, values, pooled_logits=None, pooled_values=None):
     return out
 
 
+# Attention logits are formed in fp32 (fp64 for fp64 inputs) from the input-dtype q and k, as the
+# kernels' fp32 accumulation does: fp16 logits would overflow where |q.k| > 65504 although the
+# scaled logits (and SDPA) are fine, and would round every logit to fp16.
+
+
 def _exact_chunk(q_chunk, keys, values, key_valid, scale):
-    """Exact group: query blocks [B,H,c,b,D] over all kept tokens [B,H,T,D] (valid [B,H,T])."""
+    """Exact group: query blocks [B,H,c,b,D] over all kept tokens [B,H,T,D] (keys in the logit dtype,
+    valid [B,H,T])."""
     B, H, c, b, D = q_chunk.shape
-    queries = q_chunk.reshape(B, H, c * b, D)
-    logits = (queries @ keys.transpose(-1, -2)).to(decision_dtype(q_chunk.dtype)) * scale
+    queries = q_chunk.reshape(B, H, c * b, D).to(keys.dtype)
+    logits = (queries @ keys.transpose(-1, -2)) * scale
     logits = logits.masked_fill(~key_valid[:, :, None, :], float("-inf"))
     return _softmax_attend(logits, values).reshape(B, H, c, b, D)
 
@@ -87,11 +93,11 @@ def _exact_chunk(q_chunk, keys, values, key_valid, scale):
 def _taylor_chunk(q_chunk, keys, values, key_valid, pooled_keys, pooled_values, pooled_bias, scale):
     """Taylor group: each query block over its own exact tokens [B,H,c,T,D] (valid [B,H,c,T]) plus
     the pooled keys [B,H,n_kv,D] of the other kept blocks (pooled_bias [B,H,c,n_kv], -inf for the
-    exact ones): exact attention over the augmented key set."""
-    softmax_dtype = decision_dtype(q_chunk.dtype)
-    logits = (q_chunk @ keys.transpose(-1, -2)).to(softmax_dtype) * scale
+    exact ones): exact attention over the augmented key set. Keys come in the logit dtype."""
+    q_chunk = q_chunk.to(keys.dtype)
+    logits = (q_chunk @ keys.transpose(-1, -2)) * scale
     logits = logits.masked_fill(~key_valid[:, :, :, None, :], float("-inf"))
-    pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys).to(softmax_dtype) * scale
+    pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys) * scale
     pooled_logits = pooled_logits + pooled_bias[:, :, :, None, :]
     return _softmax_attend(logits, values, pooled_logits, pooled_values[:, :, None])
 
@@ -109,7 +115,7 @@ def _in_chunks(fn, n: int, per_item: int, use_checkpoint: bool, *args):
     return torch.cat(outputs, dim=2)
 
 
-def _flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_gate) -> float:
+def flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_gate) -> float:
     """Multiply-add FLOPs actually spent over dense attention's, averaged over batch and heads."""
     q_len = layout.block_length.double()  # [nb]
     kept_len = q_len[kept]  # [B, H, n_kv]
@@ -137,12 +143,14 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
     kept_slots = layout.token_index[kept]  # [B, H, n_kv, b]
     gather_index = kept_slots.flatten(2)[..., None].expand(B, H, n_kv * b, D)
-    keys = k.gather(2, gather_index)
+    logit_dtype = decision_dtype(q.dtype)
+    keys = k.gather(2, gather_index).to(logit_dtype)
     values = v.gather(2, gather_index)
     key_valid = layout.slot_valid[kept].flatten(2)  # [B, H, n_kv*b]
-    kept_length = layout.block_length[kept].to(decision_dtype(q.dtype))
+    kept_length = layout.block_length[kept].to(logit_dtype)
     kept_index = kept[..., None].expand(B, H, n_kv, D)
-    pooled_keys = kc.gather(2, kept_index).to(q.dtype)
+    # Pooled keys as the kernels read them: the fp32 mean rounded to the input dtype.
+    pooled_keys = kc.gather(2, kept_index).to(q.dtype).to(logit_dtype)
     pooled_values = vc.gather(2, kept_index).to(v.dtype)
 
     # Route: query blocks ordered [Taylor group | exact group] (same sizes for every head).
@@ -170,7 +178,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
             c = stop - start
             slots = kept_slots.gather(2, pos.flatten(2)[..., None].expand(B, H, c * counts.num_exact, b))
             index = slots.reshape(B, H, -1)[..., None].expand(B, H, c * counts.num_exact * b, D)
-            chunk_keys = k.gather(2, index).reshape(B, H, c, -1, D)
+            chunk_keys = k.gather(2, index).reshape(B, H, c, -1, D).to(logit_dtype)
             chunk_values = v.gather(2, index).reshape(B, H, c, -1, D)
             valid = kept_slots_valid.gather(2, pos.flatten(2)[..., None].expand(B, H, c * counts.num_exact, b))
             return _taylor_chunk(q_taylor[:, :, start:stop], chunk_keys, chunk_values, valid.reshape(B, H, c, -1),
@@ -197,6 +205,6 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
         exact_query_blocks=exact_query,
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
-        flop_fraction=_flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
+        flop_fraction=flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
     )
     return out, info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import triton
@@ -12,7 +13,9 @@ import triton.language as tl
 # bf16/fp16 values are exact in fp32, so this matches the tensor cores' fp32 accumulation.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-LOG2E = 1.4426950408889634
+# The kernels work in base 2 (exp2/log2). Kernels may only read constexpr globals; host code reads `.value`.
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
 
 
 def tile_rows(block_size: int) -> int:

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import segment_blocks
 from .triton_common import block_span, tile_dims, tile_rows
 
 
@@ -44,8 +45,8 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_source: int, block_size: int):
     """Block means of q, k, v in fp32: three `[B, H, nb, D]` tensors (source and context blocked apart)."""
     B, H, N, D = q.shape
-    n_src = -(-num_source // block_size)
-    nb = n_src + -(-(N - num_source) // block_size)
+    n_src, n_ctx = segment_blocks(num_source, N - num_source, block_size)
+    nb = n_src + n_ctx
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     qc, kc, vc = (torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(3))
     _pool_kernel[(nb, B * H)](

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, LOG2E, block_span, mma, tile_dims, tile_rows
+from .config import segment_blocks
+from .triton_common import INTERPRET, LN2, LOG2E, block_span, mma, tile_dims, tile_rows
 from .triton_pool import last_dim_contiguous
 
 POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
@@ -108,7 +109,7 @@ def _fwd_kernel(
     row_ok = rows < q_len
     o_ptrs = O + bh.to(tl.int64) * N * HEAD_DIM + (q_start + rows)[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N + q_start + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * N + q_start + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -204,7 +205,7 @@ def _bwd_dq_kernel(
     tok = bh.to(tl.int64) * N + q_start + rows
     do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :],
                  other=0.0)
-    lse2 = tl.load(LSE + tok, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + tok, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
 
     is_exact = g < n_full
@@ -278,7 +279,7 @@ def _bwd_dkdv_kernel(
         q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
         do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
-        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         s_t = mma(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [keys, queries]
         ok = k_ok[:, None] & q_ok[None, :]
@@ -324,7 +325,7 @@ def _bwd_pooled_kernel(
         q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
         do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
-        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         exact = tl.load(EMASK + (bh.to(tl.int64) * nb + qb) * n_kv + pidx, mask=pvalid, other=1)
         s_t = mma(kp, tl.trans(q), UPCAST, IEEE) * qk_scale + log_len[:, None]  # [pooled, queries]
@@ -340,7 +341,66 @@ def _bwd_pooled_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host wrappers. Integer tables are int32 and contiguous; outputs are contiguous [B, H, N, D].
+# Host wrappers. Integer tables are int32 and contiguous, the exact mask uint8 and contiguous, pooled
+# keys/values contiguous in the input dtype; each wrapper checks this at the boundary, since a kernel
+# would silently misread any other layout. Outputs are contiguous [B, H, N, D].
+
+
+def _expect(what: str, name: str, table: torch.Tensor, dtype: torch.dtype, shape: tuple, device) -> None:
+    """One-line ValueError unless `table` has the dtype, shape, device and dense layout a kernel reads."""
+    if not isinstance(table, torch.Tensor):
+        raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(table).__name__}")
+    if table.dtype != dtype:
+        raise ValueError(f"{what}: {name} must be {dtype} (the kernels read it as such), got {table.dtype}")
+    if tuple(table.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(table.shape)}")
+    if table.device != device:
+        raise ValueError(f"{what}: {name} is on {table.device}, the inputs on {device}")
+    if not table.is_contiguous():
+        raise ValueError(f"{what}: {name} must be contiguous (the kernels index it as a dense array)")
+
+
+def _check_plan(what, q, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, num_source, block_size,
+                num_full) -> tuple[int, int, int, int]:
+    """Check the routing tables against q's shape; returns (n_src, nb, n_kv, n_exact)."""
+    B, H, N, D = q.shape
+    n_src, n_ctx = segment_blocks(num_source, N - num_source, block_size)
+    nb = n_src + n_ctx
+    n_kv = kept.shape[-1] if isinstance(kept, torch.Tensor) else -1
+    n_exact = exact_lists.shape[-1] if isinstance(exact_lists, torch.Tensor) else -1
+    if not n_src <= n_kv <= nb:
+        raise ValueError(f"{what}: kept must list between {n_src} and {nb} key blocks, got {n_kv}")
+    if not 1 <= n_exact <= n_kv:
+        raise ValueError(f"{what}: exact_lists must hold between 1 and {n_kv} blocks per query block, got {n_exact}")
+    if not 0 <= num_full <= nb:
+        raise ValueError(f"{what}: num_full must be in [0, {nb}], got {num_full}")
+    _expect(what, "kept", kept, torch.int32, (B, H, n_kv), q.device)
+    _expect(what, "query_order", query_order, torch.int32, (B, H, nb), q.device)
+    _expect(what, "exact_lists", exact_lists, torch.int32, (B, H, nb, n_exact), q.device)
+    _expect(what, "exact_mask", exact_mask, torch.uint8, (B, H, nb, n_kv), q.device)
+    _expect(what, "pooled_k", pooled_k, q.dtype, (B, H, n_kv, D), q.device)
+    _expect(what, "pooled_v", pooled_v, q.dtype, (B, H, n_kv, D), q.device)
+    return n_src, nb, n_kv, n_exact
+
+
+def _check_query_order(what, query_order, B, H, N, num_source, block_size, num_full, device) -> tuple[int, int]:
+    """Check the query order table; returns (n_src, nb)."""
+    n_src, n_ctx = segment_blocks(num_source, N - num_source, block_size)
+    nb = n_src + n_ctx
+    _expect(what, "query_order", query_order, torch.int32, (B, H, nb), device)
+    if not 0 <= num_full <= nb:
+        raise ValueError(f"{what}: num_full must be in [0, {nb}], got {num_full}")
+    return n_src, nb
+
+
+def _check_selected(what, selected, B, H, N, num_source, block_size, device) -> tuple[int, int]:
+    """Check the selected context blocks; returns (n_src, n_sel)."""
+    n_src, n_ctx = segment_blocks(num_source, N - num_source, block_size)
+    n_sel = selected.shape[-1] if isinstance(selected, torch.Tensor) else -1
+    if not 0 <= n_sel <= n_ctx:
+        raise ValueError(f"{what}: selected must list between 0 and {n_ctx} context blocks, got {n_sel}")
+    _expect(what, "selected", selected, torch.int32, (B, H, n_sel), device)
+    return n_src, n_sel
 
 
 def _meta(q: torch.Tensor, block_size: int) -> dict:
@@ -373,11 +433,12 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
     scatter of exact_out and the attention launch one at a time.
     """
     B, H, N, D = q.shape
+    n_src, nb, n_kv, n_exact = _check_plan("sparse_forward", q, pooled_k, pooled_v, kept, query_order, exact_lists,
+                                          exact_mask, num_source, block_size, num_full)
+    if exact_out is not None:
+        exact_out = exact_out.contiguous()
+        _expect("sparse_forward", "exact_out", exact_out, q.dtype, (B, H, num_full * block_size, D), q.device)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    nb = query_order.shape[-1]
-    n_kv = kept.shape[-1]
-    n_exact = exact_lists.shape[-1]
-    n_src = -(-num_source // block_size)
     out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     meta = _meta(q, block_size)
@@ -386,14 +447,14 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
         first = num_full
     if exact_out is not None and "scatter" in stages:
         _move_rows_kernel[(num_full, B * H)](
-            exact_out.contiguous(), out, query_order, *out.stride()[:3], H, N, num_source, n_src, nb, num_full,
+            exact_out, out, query_order, *out.stride()[:3], H, N, num_source, n_src, nb, num_full,
             TO_TOKENS=True, BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
         )
     if nb > first and "attend" in stages:
         _fwd_kernel[(nb - first, B * H)](
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
             *_strides(q, k, v),
-            H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E,
+            H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E.value,
             BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D),
         )
     return out, lse
@@ -402,12 +463,13 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
 def gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int, num_full: int):
     """Token-ordered `[B,H,N,D]` -> packed exact-group rows `[B,H,num_full*b,D]`, padding rows zero."""
     B, H, N, D = x.shape
+    n_src, nb = _check_query_order("gather_exact_rows", query_order, B, H, N, num_source, block_size, num_full,
+                                   x.device)
     x = last_dim_contiguous(x)
     packed = torch.empty(B, H, num_full * block_size, D, device=x.device, dtype=x.dtype)
     meta = _meta(x, block_size)
     _move_rows_kernel[(num_full, B * H)](
-        x, packed, query_order, *x.stride()[:3], H, N, num_source, -(-num_source // block_size),
-        query_order.shape[-1], num_full, TO_TOKENS=False,
+        x, packed, query_order, *x.stride()[:3], H, N, num_source, n_src, nb, num_full, TO_TOKENS=False,
         BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )
     return packed
@@ -418,12 +480,13 @@ def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_sour
     """Inverse of gather_exact_rows: `[B,H,N,D]` holding the packed rows at their tokens, zeros elsewhere."""
     B, H, _, D = packed.shape
     num_full = packed.shape[2] // block_size
+    n_src, nb = _check_query_order("scatter_exact_rows", query_order, B, H, num_tokens, num_source, block_size,
+                                   num_full, packed.device)
     out = torch.zeros(B, H, num_tokens, D, device=packed.device, dtype=packed.dtype)
     meta = _meta(packed, block_size)
     _move_rows_kernel[(num_full, B * H)](
-        packed.contiguous(), out, query_order, *out.stride()[:3], H, num_tokens, num_source,
-        -(-num_source // block_size), query_order.shape[-1], num_full, TO_TOKENS=True,
-        BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+        packed.contiguous(), out, query_order, *out.stride()[:3], H, num_tokens, num_source, n_src, nb, num_full,
+        TO_TOKENS=True, BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )
     return out
 
@@ -431,10 +494,8 @@ def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_sour
 def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_source: int, block_size: int):
     """Kept keys and values packed for a dense kernel: `[B, H, L_src + n_sel*b, D]` each."""
     B, H, N, D = k.shape
+    n_src, n_sel = _check_selected("pack_kept", selected, B, H, N, num_source, block_size, k.device)
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
-    selected = selected.to(torch.int32).contiguous()
-    n_src = -(-num_source // block_size)
-    n_sel = selected.shape[-1]
     k_packed = torch.empty(B, H, num_source + n_sel * block_size, D, device=k.device, dtype=k.dtype)
     v_packed = torch.empty_like(k_packed)
     meta = _meta(k, block_size)
@@ -449,9 +510,8 @@ def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torc
                 block_size: int, num_tokens: int):
     """Inverse of pack_kept for gradients: token-ordered tensors, zero on the dropped context blocks."""
     B, H, _, D = dk_packed.shape
-    selected = selected.to(torch.int32).contiguous()
-    n_src = -(-num_source // block_size)
-    n_sel = selected.shape[-1]
+    n_src, n_sel = _check_selected("unpack_kept", selected, B, H, num_tokens, num_source, block_size,
+                                   dk_packed.device)
     dk = torch.zeros(B, H, num_tokens, D, device=dk_packed.device, dtype=dk_packed.dtype)
     dv = torch.zeros_like(dk)
     meta = _meta(dk, block_size)
@@ -491,12 +551,11 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     With exact_from_dense, the exact group's rows of dq/dk/dv are left to the dense kernel's backward.
     """
     B, H, N, D = q.shape
+    n_src, nb, n_kv, n_exact = _check_plan("sparse_backward", q, pooled_k, pooled_v, kept, query_order, exact_lists,
+                                          exact_mask, num_source, block_size, num_full)
+    _expect("sparse_backward", "lse", lse, torch.float32, (B, H, N), q.device)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     dout = dout.contiguous()
-    nb = query_order.shape[-1]
-    n_kv = kept.shape[-1]
-    n_exact = exact_lists.shape[-1]
-    n_src = -(-num_source // block_size)
     meta = _meta(q, block_size)
     options = _launch_options(block_size, D, backward=True)
     delta = (dout.float() * out.float()).sum(-1)  # [B, H, N]
@@ -506,7 +565,7 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     dpk = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
     dpv = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
     first = num_full if exact_from_dense else 0
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2E.value
     if nb > first:
         _bwd_dq_kernel[(nb - first, B * H)](
             q, k, v, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,

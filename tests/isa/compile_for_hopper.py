@@ -1,0 +1,57 @@
+"""Compile the ISA attention kernels ahead of time for sm_90 (no GPU needed); print a JSON report.
+
+Run in a process of its own (the interpreter, TRITON_INTERPRET=1, replaces @triton.jit functions at
+import, so this script drops it first):
+    python tests/isa/compile_for_hopper.py bf16 _fwd_kernel _bwd_dq_kernel
+Prints {kernel: {"ok": bool, "wgmma": bool, "error": str}}.
+"""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from liveditor.isa import triton_sparse  # noqa: E402
+
+INT32_TABLES = ("KEPT", "QORDER", "ELIST", "USERS", "N_USERS")
+FP32_TENSORS = ("LSE", "DELTA", "DKP", "DVP")
+SCALARS = ("H", "N")
+
+
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Argument types: ALL-CAPS names are pointers (tables int32, the mask uint8, softmax statistics
+    and pooled gradients fp32, tensors `dtype`), the others int32 scalars but the two fp32 scales."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name.isupper() and name not in SCALARS:
+            types[name] = "*" + ("i32" if name in INT32_TABLES else "u8" if name == "EMASK"
+                                 else "fp32" if name in FP32_TENSORS else dtype)
+        else:
+            types[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
+    return types
+
+
+def compile_kernel(name: str, dtype: str) -> dict:
+    fn = getattr(triton_sparse, name)
+    # The 14B model's tiles: 64-token blocks, head dim 128, tensor-core dots (no upcast, no IEEE fp32).
+    constexprs = dict(BLOCK_SIZE=64, BLOCK_M=64, BLOCK_D=128, HEAD_DIM=128, UPCAST=False, IEEE=False)
+    if "BLOCK_P" in fn.arg_names:
+        constexprs["BLOCK_P"] = triton_sparse.POOLED_CHUNK
+    source = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+    except Exception as exc:  # report every kernel's outcome, not only the first failure
+        return {"ok": False, "wgmma": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "wgmma": "wgmma" in compiled.asm["ptx"], "error": ""}
+
+
+if __name__ == "__main__":
+    dtype, kernels = sys.argv[1], sys.argv[2:]
+    print(json.dumps({name: compile_kernel(name, dtype) for name in kernels}))

@@ -1,0 +1,42 @@
+"""The kernels' tensor-core branch compiles for Hopper, on a machine without a GPU.
+
+Triton's interpreter (CPU CI) runs every tl.dot on fp32 copies, so the bf16/fp16 branch the GPU
+runs (UPCAST=False) and the compiler's own rules (only constexpr globals in kernels, operand
+dtypes of tl.dot) are never exercised there. Compiling each attention kernel ahead of time for
+sm_90 in bf16 (fp16 takes the same branch), in a process without the interpreter, checks both;
+test_isa_gpu.py checks what the kernels compute.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from packaging.version import Version  # noqa: E402
+
+KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_pooled_kernel")
+
+pytestmark = pytest.mark.skipif(Version(triton.__version__) < Version("3.9"),
+                                reason="ahead-of-time compile uses the signature format of Triton >= 3.9")
+
+
+@pytest.fixture(scope="module", params=["bf16"])
+def compiled(request):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*sys.path, env.get("PYTHONPATH", "")) if p)
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script), request.param, *KERNELS], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return request.param, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tensor_core_branch_compiles_for_sm90(compiled, kernel):
+    dtype, report = compiled
+    assert report[kernel]["ok"], f"{kernel} ({dtype}): {report[kernel]['error'][:2000]}"
+    assert report[kernel]["wgmma"], f"{kernel} ({dtype}): no Hopper tensor-core instruction (wgmma) in the PTX"

@@ -223,6 +223,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_14b_preset_has_the_wan22_high_noise_expert_shape():
     with torch.device("meta"):
         model = LIVEditorTransformer3DModel.from_preset("liveditor-14b")
+    # ISA as the release runs it: top-k sharpness and block counts rounded down.
+    assert (model.isa_config.sharpness, model.isa_config.count_rounding) == ("topk", "floor")
     cfg = model.config
     assert (cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.ffn_dim) == (5120, 40, 13824)
     n_params = sum(p.numel() for p in model.parameters())

@@ -107,6 +107,7 @@ def test_every_release_layout_converts(tmp_path, wrapper, prefix):
     assert report.unused == len(UNUSED_PER_BLOCK) * SIZE_TINY["layers"]
     assert report.loaded == len(sd) - report.unused and not report.ignored_unknown
     assert model.config.isa_config["sharpness"] == "topk"  # the release's statistic
+    assert model.config.isa_config["count_rounding"] == "floor"  # and its int() block counts
 
 
 def test_prefix_is_removed_wherever_it_appears():
@@ -213,6 +214,7 @@ def test_converted_folder_loads_and_edits(tmp_path, base_folder):
     pipe = load_pipeline(out)
     assert_holds(pipe.transformer, sd)
     assert pipe.transformer.isa_config.sharpness == "topk"
+    assert pipe.transformer.isa_config.count_rounding == "floor"
     pipe.set_progress_bar_config(disable=True)
     result = pipe(torch.rand(5, 3, 64, 64), "make it green", num_inference_steps=1, seed=0)
     assert result.frames.shape == (1, 5, 64, 64, 3) and result.frames.std() > 0

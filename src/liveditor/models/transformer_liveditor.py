@@ -36,6 +36,10 @@ from diffusers.models.transformers.transformer_wan import (
 from ..isa import ISAConfig
 from .attention_processor import ATTENTION_MODES, AttentionTimer, LIVEditorAttnProcessor, SelfAttentionCall
 
+# ISA as the released LIVEditor-14B runs it: top-k sharpness, block counts rounded down (int()).
+# Blocking stays ours (source and context padded separately): docs/model.md, parity table.
+RELEASE_ISA_CONFIG: dict[str, Any] = dict(sharpness="topk", count_rounding="floor")
+
 # Architecture presets. "liveditor-14b" is the high-noise expert of Wan2.2-T2V-A14B (spec section 3);
 # the small ones keep every mechanism (RoPE split, qk-norm, gate) at sizes a CPU runs in seconds.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -53,6 +57,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=1024,
+        isa_config=RELEASE_ISA_CONFIG,
     ),
     "liveditor-small": dict(
         patch_size=(1, 2, 2),

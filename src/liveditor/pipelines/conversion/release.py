@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ...errors import LIVEditorError
-from ...models.transformer_liveditor import LIVEditorTransformer3DModel
+from ...models.transformer_liveditor import RELEASE_ISA_CONFIG, LIVEditorTransformer3DModel
 from .strict import check_weights, first_line
 
 RELEASE_PREFIX = "wanx_unimodel.guidance_model.feedforward_model."
@@ -44,12 +44,6 @@ UNUSED_NAMES = "self_attn.alpha_2, cross_attn.alpha_1/2"
 # Wan's head width in every released size; the checkpoint itself does not record the head count.
 WAN_HEAD_DIM = 128
 
-# ISA settings the release runs with, recorded in a converted transformer's config: its sharpness
-# statistic is the sum of the top-k coarse probabilities, and it rounds block counts down.
-RELEASE_ISA_CONFIG = dict(
-    sharpness="topk",
-    # count_rounding="floor",  # enable once ISAConfig has count_rounding (branch h-isa)
-)
 
 _TOP_LEVEL = {
     "patch_embedding": "patch_embedding",

@@ -69,7 +69,7 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict
     tokenizer, text_encoder, codec, transformer = build_components(config, *stats)
     step_fn = TrainStep(config, accelerator, tokenizer, text_encoder, codec, transformer)
     size = config.train.batch_size
-    batches = [(batch_of(pool, i * size, size), sample_seeds(0, 0, 0, range(i * size, (i + 1) * size)))
+    batches = [(batch_of(pool, i * size, size), sample_seeds(0, 0, range(i * size, (i + 1) * size)))
                for i in range(4)]
     start = time.perf_counter()
     for i in range(warmup):

@@ -1,9 +1,15 @@
-"""The training loop on CPU with a tiny config: outputs, exact resume, shards, init_from, schedule."""
+"""The training loop on CPU with a tiny config: outputs, exact resume, shards, init_from, schedule,
+accumulation, and 2 processes (gloo) against one."""
 
 import json
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from liveditor.errors import LIVEditorError
-from liveditor.training import load_config, train
+from liveditor.training import build_components, load_config, train
 from liveditor.training.loop import (
     CHECKPOINT_DIR,
     ClipSeeds,
@@ -160,10 +166,10 @@ def test_clip_and_sample_seeds_resume_and_never_overlap():
     assert list(islice(iter(ClipSeeds(3, 0, 0, 2, 4, start_batch=5)), 20)) == full[20:40]
     others = [set(islice(iter(ClipSeeds(*key, 2, 4)), 40)) for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0))]
     assert all(not (set(full) & other) for other in others)  # other process, next stage, other run
-    noise = sample_seeds(3, 0, 0, range(2000))
+    noise = sample_seeds(3, 0, range(2000))
     assert len(set(noise.tolist())) == 2000 and noise.min() >= 0 and noise.max() < 2**62
-    assert list(sample_seeds(3, 0, 0, [1500, 7])) == [noise[1500], noise[7]]
-    for key in ((3, 0, 1), (3, 1, 0), (4, 0, 0)):
+    assert list(sample_seeds(3, 0, [1500, 7])) == [noise[1500], noise[7]]
+    for key in ((3, 1), (4, 0)):
         assert not set(sample_seeds(*key, range(2000)).tolist()) & set(noise.tolist()), key
 
 
@@ -261,3 +267,47 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
     error = (moved["accumulated"] - moved["batch"]).abs().max() / scale
     other = (moved["single"] - moved["batch"]).abs().max() / scale
     assert error < 1e-3 and other > 0.05, (error, other)
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+# AdamW with eps=1 moves each weight in proportion to its gradient (see the accumulation test above).
+DDP_COMMON = TINY + ["optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=2"]
+
+WORKER = """
+import sys
+from liveditor.training import load_config, train
+config = load_config(None, sys.argv[1:])
+train(config, progress=False)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_batch_1_make_the_step_of_one_process_of_batch_2(tmp_path):
+    overrides = DDP_COMMON + ["train.batch_size=1", f'train.output_dir="{tmp_path / "ddp"}"']
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "ACCELERATE_USE_CPU": "true",  # what `accelerate launch --cpu` sets
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, *overrides], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+
+    single = load_config(None, DDP_COMMON + ["train.batch_size=2", f'train.output_dir="{tmp_path / "single"}"'])
+    train(single, progress=False, export=False)
+
+    record = json.loads((tmp_path / "ddp" / "pipeline" / "training.json").read_text())
+    assert record["processes"] == 2 and record["samples"] == 4 and len(record["stages"]) == 1
+    torch.manual_seed(single.train.seed)
+    initial = build_components(single)[3].state_dict()
+    moved = {}
+    for name in ("ddp", "single"):
+        final = load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
+        moved[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
+    error = (moved["ddp"] - moved["single"]).abs().max() / moved["single"].abs().max()
+    assert error < 1e-3, error

@@ -127,17 +127,17 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def sample_seeds(seed: int, stage: int, rank: int, indices) -> np.ndarray:
+def sample_seeds(seed: int, stage: int, indices) -> np.ndarray:
     """Seeds (int64 in [0, 2**62)) of the noise level, noise and instruction drop of samples
-    `indices` of one process in one training stage.
+    `indices` of one training stage (numbered over all processes, as `example_seeds` numbers clips).
 
-    A hash of (seed, stage, rank, index): processes and stages draw unrelated streams, and sample
-    `i` gets the same seed however the run was batched, accumulated or interrupted. (Which clip a
-    sample is comes from `liveditor.data.shapes_batch.example_seeds`.)
+    A hash of (seed, stage, index): runs and stages draw unrelated streams, and sample `i` gets the
+    same seed however the stage was batched, accumulated, spread over processes or interrupted.
+    (Which clip a sample is comes from `liveditor.data.shapes_batch.example_seeds`.)
     """
     with np.errstate(over="ignore"):
         key = np.uint64(0)
-        for part in (seed, stage, rank):
+        for part in (seed, stage):
             key = _mix64(np.uint64((int(key) ^ (int(part) & _MASK64)) & _MASK64) + np.uint64(0x9E3779B97F4A7C15))
         index = np.asarray(indices, dtype=np.uint64)
         out = _mix64(key + index * np.uint64(0x9E3779B97F4A7C15))
@@ -659,8 +659,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - wait_start
-                first = consumed + micro * t_cfg.batch_size
-                seeds = sample_seeds(t_cfg.seed, stage, rank, range(first, first + t_cfg.batch_size))
+                # The sample's place in the whole stage (all processes), numbered as example_seeds
+                # numbers clips: N processes of batch b draw what one process of batch N*b would.
+                first = ((consumed // t_cfg.batch_size + micro) * world + rank) * t_cfg.batch_size
+                seeds = sample_seeds(t_cfg.seed, stage, range(first, first + t_cfg.batch_size))
                 micro_batches.append((batch, seeds))
             lr = learning_rate(config, step, elapsed)
             loss_sum += step_fn(micro_batches, lr)

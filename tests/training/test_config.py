@@ -58,6 +58,11 @@ def test_overrides_use_toml_values(tmp_path):
         ("[data]\nheight = 60\n", "data.frames/height/width"),
         ("[train]\nmax_time_s = -1\n", "train.max_time_s"),
         ("[text]\ndrop_prob = 1.0\n", "text.drop_prob"),
+        ("[data]\nrenderer = \"gpu\"\n", "data.renderer"),
+        ("[train]\nseed = 70000\n", "train.seed"),
+        ("[train]\nschedule = \"resume\"\n", "train.schedule"),
+        ("[train]\nedit_loss_weight = -1.0\n", "train.edit_loss_weight"),
+        ("[train]\nval_per_family = 0\n", "train.val_per_family"),
         ("[export]\ndtype = \"int8\"\n", "export.dtype"),
     ],
 )

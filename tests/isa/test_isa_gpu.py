@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import forward_and_grads, max_err
 import torch.nn.functional as F
 
 from liveditor.isa import ISAConfig, dense_kernels, isa_attention
@@ -44,17 +45,6 @@ def fresh_dense_kernel_state(monkeypatch):
 def draw(B, H, N, D, dtype, seed, scale=1.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     return [(scale * torch.randn(B, H, N, D, device="cuda", generator=g)).to(dtype) for _ in range(3)]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def forward_and_grads(fn, q, k, v, grad_out, **kwargs):
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
-    return (out, *grads)
 
 
 def assert_flash_rule(kernel, low_precision, reference, dtype, what):

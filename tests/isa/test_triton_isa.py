@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import forward_and_grads, max_err
 
 from liveditor.isa import ISAConfig, dispatch, isa_attention
 from liveditor.isa.reference import isa_attention_torch, pool_blocks
@@ -39,17 +40,6 @@ def draw(B, H, N, D, dtype, *, seed: int, requires_grad=False):
     g = generator(seed)
     return [torch.randn(B, H, N, D, device=DEVICE, generator=g).to(dtype).requires_grad_(requires_grad)
             for _ in range(3)]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def forward_and_grads(fn, q, k, v, grad_out, **kwargs):
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
-    return (out, *grads)
 
 
 def assert_flash_rule(kernel, low_precision, reference, floor, what):

@@ -272,14 +272,20 @@ def test_head_dims(D, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
-def test_low_precision_close_to_fp32(dtype, tol, seed):
-    q, k, v = qkv(2, 2, 384, 64, seed=seed)
-    ref = isa_attention(q.double(), k.double(), v.double(), 192)
-    out = isa_attention(q.to(dtype), k.to(dtype), v.to(dtype), 192)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_close_to_fp32(dtype, seed):
+    q, k, v = (x.to(dtype) for x in qkv(2, 2, 384, 64, seed=seed))
+    # The reference sees the same rounded inputs: rounding q/k/v to 16 bits moves the pooled means
+    # enough to flip a routing decision now and then, which is not what this test measures.
+    ref, ref_info = isa_attention(q.double(), k.double(), v.double(), 192, return_info=True)
+    out, info = isa_attention(q, k, v, 192, return_info=True)
     assert out.dtype == dtype
-    # The same decisions are taken from fp32 pooling, so the error is attention rounding only.
-    assert rel_err(out, ref) < tol
+    assert torch.equal(info.exact_query_blocks, ref_info.exact_query_blocks), f"seed {seed}"
+    assert torch.equal(info.selected_context_blocks, ref_info.selected_context_blocks), f"seed {seed}"
+    # Same decisions (pooling and routing in fp32), so the error is attention rounding only: within
+    # twice the error of SDPA at the same precision (FlashAttention's rule; measured about 1.2x).
+    sdpa_err = rel_err(dense_attention(q, k, v), dense_attention(q.double(), k.double(), v.double()))
+    assert rel_err(out, ref) <= 2 * sdpa_err, f"seed {seed}"
 
 
 @pytest.mark.parametrize("seed", [0])

@@ -77,9 +77,10 @@ def _release_blocking_loop(q, k, v, num_source: int, gate, config: ISAConfig):
                 else:
                     score = [float(qc[i] @ pk) for pk in pooled_k]
                     exact = set(sorted(range(n_re), key=lambda r: -score[r])[:n_exact])
-                    keys = torch.stack([x for r in sorted(exact) for x in re_k[r]] + [pooled_k[r] for r in range(n_re) if r not in exact])
-                    values = torch.stack([x for r in sorted(exact) for x in re_v[r]] + [pooled_v[r] for r in range(n_re) if r not in exact])
-                    weights = torch.tensor([1.0] * (len(exact) * b) + [float(b)] * (n_re - len(exact)), dtype=q.dtype)
+                    pooled = [r for r in range(n_re) if r not in exact]
+                    keys = torch.stack([x for r in sorted(exact) for x in re_k[r]] + [pooled_k[r] for r in pooled])
+                    values = torch.stack([x for r in sorted(exact) for x in re_v[r]] + [pooled_v[r] for r in pooled])
+                    weights = torch.tensor([1.0] * (len(exact) * b) + [float(b)] * len(pooled), dtype=q.dtype)
                 for t in span:
                     w = torch.exp(keys @ qs[t] * scale)
                     w = w if weights is None else w * weights

@@ -239,7 +239,7 @@ def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
     if config.block_size > 128:
         return f"block_size {config.block_size} is over 128"
     if config.blocking != "separate":
-        return f'blocking="{config.blocking}" (the release\'s blocking, emulated for measurement) runs in the PyTorch path only'
+        return f'blocking="{config.blocking}" (the release\'s, emulated for measurement) runs in the PyTorch path only'
     return None
 
 

@@ -9,9 +9,8 @@ are processed in chunks so that no N x N matrix is ever formed.
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
-
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import BlockCounts, ISAConfig, ISAInfo, block_counts
 from .layout import BlockLayout, block_layout

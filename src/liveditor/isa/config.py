@@ -10,6 +10,7 @@ import torch
 SHARPNESS_STATISTICS = ("energy", "topk")
 TOKEN_ORDERS = ("raster", "tile")
 COUNT_ROUNDINGS = ("ceil", "floor")
+BLOCKINGS = ("separate", "joint")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class ISAConfig:
         exact key blocks per Taylor block and the top-k of the sharpness statistic round down.
         "floor": all four round down, as the released code does (`int()`). Every count is then
         clamped to [1, available].
+    blocking: "separate" pads source and context to whole blocks apart (padding carries no
+        weight). "joint" emulates the released code's blocking of the concatenated sequence (one
+        block straddles the boundary, padded keys keep softmax weight), in the PyTorch path only,
+        to measure the difference (docs/isa-semantics.md, "Joint blocking").
     """
 
     block_size: int = 64
@@ -41,6 +46,7 @@ class ISAConfig:
     token_order: str = "raster"
     tile: tuple[int, int, int] = (4, 4, 4)
     count_rounding: str = "ceil"
+    blocking: str = "separate"
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -55,6 +61,8 @@ class ISAConfig:
             raise ValueError(f"ISAConfig.token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
         if self.count_rounding not in COUNT_ROUNDINGS:
             raise ValueError(f"ISAConfig.count_rounding must be one of {COUNT_ROUNDINGS}, got {self.count_rounding!r}")
+        if self.blocking not in BLOCKINGS:
+            raise ValueError(f"ISAConfig.blocking must be one of {BLOCKINGS}, got {self.blocking!r}")
         tile = tuple(self.tile)
         if len(tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
             raise ValueError(f"ISAConfig.tile must be three positive ints (frames, rows, columns), got {self.tile!r}")
@@ -87,6 +95,14 @@ def segment_blocks(num_source: int, num_context: int, block_size: int) -> tuple[
     return -(-num_source // block_size), -(-num_context // block_size)
 
 
+def joint_blocks(num_source: int, num_context: int, block_size: int) -> tuple[int, int]:
+    """(source blocks, context blocks) of the released code's blocking of `[source | context]`:
+    the source blocks are the whole ones, every later block (the straddling one included) counts
+    as context."""
+    n_src = num_source // block_size
+    return n_src, -(-(num_source + num_context) // block_size) - n_src
+
+
 @dataclass(frozen=True)
 class BlockCounts:
     """How many blocks each ISA stage keeps for a given sequence split."""
@@ -109,7 +125,8 @@ class BlockCounts:
 
 def block_counts(num_source: int, num_context: int, config: ISAConfig) -> BlockCounts:
     """Every block count of one ISA call (the one place they are computed; see docs/isa-semantics.md)."""
-    n_src, n_ctx = segment_blocks(num_source, num_context, config.block_size)
+    blocks = joint_blocks if config.blocking == "joint" else segment_blocks
+    n_src, n_ctx = blocks(num_source, num_context, config.block_size)
     nb = n_src + n_ctx
     keep_count = floor_count if config.count_rounding == "floor" else ceil_count
 
@@ -117,7 +134,9 @@ def block_counts(num_source: int, num_context: int, config: ISAConfig) -> BlockC
         return min(available, max(1, count))
 
     n_sel = clamp(keep_count(config.select_ratio, n_ctx), n_ctx) if n_ctx else 0
-    n_kv = n_src + n_sel
+    # Key blocks a Taylor query block chooses among. Joint: the kept tokens (every source token,
+    # then the selected blocks) are blocked again from their start.
+    n_kv = (-(-num_source // config.block_size) if config.blocking == "joint" else n_src) + n_sel
     return BlockCounts(
         num_source_blocks=n_src,
         num_context_blocks=n_ctx,

@@ -238,6 +238,8 @@ def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
         return f"head dim {q.shape[-1]} is over 256"
     if config.block_size > 128:
         return f"block_size {config.block_size} is over 128"
+    if config.blocking != "separate":
+        return f'blocking="{config.blocking}" (the release\'s, emulated for measurement) runs in the PyTorch path only'
     return None
 
 

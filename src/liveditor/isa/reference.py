@@ -9,6 +9,7 @@ are processed in chunks so that no N x N matrix is ever formed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockCounts, ISAConfig, ISAInfo, block_counts
@@ -34,7 +35,8 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
     """Coarse map, context pre-selection, sharpness routing and Taylor exact-block choice.
 
     Returns (coarse logits S, coarse probs P, kept key blocks [B,H,n_kv], selected context blocks
-    [B,H,n_sel], exact query mask [B,H,nb], exact-key-block mask [B,H,nb,n_kv]).
+    [B,H,n_sel], exact query mask [B,H,nb], exact-key-block mask [B,H,nb,n_kv]; None for joint
+    blocking, which chooses exact key blocks on the re-blocked kept tokens).
     """
     n_src = counts.num_source_blocks
     logits = (qc @ kc.transpose(-1, -2)) * scale
@@ -56,6 +58,8 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
         sharpness = row.topk(counts.topk_sharpness, dim=-1).values.sum(-1)
     exact_query = torch.zeros(B, H, nb, dtype=torch.bool, device=qc.device)
     exact_query.scatter_(-1, sharpness.topk(counts.num_full, dim=-1).indices, True)
+    if config.blocking == "joint":
+        return logits, probs, kept, selected, exact_query, None
 
     kept_logits = logits.gather(-1, kept[:, :, None, :].expand(B, H, nb, kept.shape[-1]))
     exact_key = torch.zeros_like(kept_logits, dtype=torch.bool)
@@ -130,6 +134,8 @@ def flop_fraction(layout, counts, kept, exact_query, exact_key, n_tokens, has_ga
 
 def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, scale: float = 1.0, return_info=False):
     """ISA on already-validated `[B, H, N, D]` inputs (see liveditor.isa.isa_attention)."""
+    if config.blocking == "joint":
+        return _isa_attention_joint(q, k, v, num_source, config, gate, scale, return_info)
     B, H, N, D = q.shape
     num_context = N - num_source
     b = config.block_size
@@ -206,5 +212,79 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
         num_source_blocks=counts.num_source_blocks,
         num_context_blocks=counts.num_context_blocks,
         flop_fraction=flop_fraction(layout, counts, kept, exact_query, exact_key, N, gate is not None),
+    )
+    return out, info
+
+
+def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scale: float, return_info: bool):
+    """ISA with the released code's joint blocking, emulated to measure its difference from ours.
+
+    The concatenated sequence is cut into blocks from its start (the last one partial, pooled over
+    its real tokens). Kept keys: every source token, then the block_size slots of each selected
+    block of the zero-padded sequence (a selected straddling block repeats the source tail, a
+    selected last block brings zero keys, logit 0). A Taylor query block re-blocks those kept keys
+    from their start (zero-padded to whole blocks), pools each re-block over all block_size slots,
+    takes the top num_exact by pooled-query . pooled-key and enters the others with bias
+    log(block_size). Every logit over the kept keys is formed and masked: for measurement, not speed.
+    """
+    B, H, N, D = q.shape
+    b = config.block_size
+    if num_source < b:
+        raise ValueError(f'blocking="joint" needs at least one whole source block ({b} tokens), got {num_source}')
+    counts = block_counts(num_source, N - num_source, config)
+    layout = block_layout(N, 0, b, q.device)  # blocks of [source | context] from its start
+    nb = counts.num_blocks
+    dtype = decision_dtype(q.dtype)
+    qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+    _, probs, _, selected, exact_query, _ = coarse_decisions(qc, kc, scale, counts, config)
+
+    pad = nb * b - N
+    k_pad, v_pad = (F.pad(x.to(dtype), (0, 0, 0, pad)) for x in (k, v))
+    context_slots = (selected + counts.num_source_blocks)[..., None] * b + torch.arange(b, device=q.device)
+    source_slots = torch.arange(num_source, device=q.device).expand(B, H, num_source)
+    kept_slots = torch.cat([source_slots, context_slots.flatten(2)], dim=-1)  # [B, H, T]
+    n_kept = kept_slots.shape[-1]
+    n_reblocks = -(-n_kept // b)
+    reblock_pad = n_reblocks * b - n_kept
+    keys, values = (F.pad(x.gather(2, kept_slots[..., None].expand(B, H, n_kept, D)), (0, 0, 0, reblock_pad))
+                    for x in (k_pad, v_pad))  # [B, H, n_reblocks * b, D]
+    pooled_keys, pooled_values = (x.unflatten(2, (n_reblocks, b)).mean(-2) for x in (keys, values))
+
+    exact_reblocks = (qc @ pooled_keys.transpose(-1, -2)).topk(counts.num_exact, dim=-1).indices
+    exact_key = torch.zeros(B, H, nb, n_reblocks, dtype=torch.bool, device=q.device)
+    exact_key.scatter_(-1, exact_reblocks, True)
+    exact_key |= exact_query[..., None]  # an exact query block attends to every kept key
+    token_valid = exact_key.repeat_interleave(b, dim=-1)
+    token_valid[..., n_kept:] &= ~exact_query[..., None]  # the re-blocking pad exists only for Taylor blocks
+    pooled_bias = torch.where(exact_key, float("-inf"), torch.tensor(float(b), dtype=dtype).log())
+
+    q_blocks = F.pad(q.to(dtype), (0, 0, 0, pad)).unflatten(2, (nb, b))  # [B, H, nb, b, D]
+
+    def query_blocks(start, stop):
+        qb = q_blocks[:, :, start:stop]
+        logits = (qb @ keys[:, :, None].transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~token_valid[:, :, start:stop, None, :], float("-inf"))
+        pooled_logits = (qb @ pooled_keys[:, :, None].transpose(-1, -2)) * scale
+        pooled_logits = pooled_logits + pooled_bias[:, :, start:stop, None, :]
+        return _softmax_attend(logits, values[:, :, None], pooled_logits, pooled_values[:, :, None])
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = _in_chunks(query_blocks, nb, B * H * b * (n_reblocks * b + n_reblocks), grad)
+    out = out.flatten(2, 3)[:, :, :N]
+    if gate is not None:
+        out = out + gate.reshape(B, 1, N, 1).to(dtype) * (probs @ vc)[:, :, layout.token_block]
+    out = out.to(q.dtype)
+    if not return_info:
+        return out
+    q_len = layout.block_length.double()
+    taylor_keys = float(counts.num_exact * b + n_reblocks - counts.num_exact)
+    per_block = torch.where(exact_query, float(n_kept), taylor_keys) * q_len
+    coarse = nb * nb * (2 if gate is not None else 1) * 0.5
+    info = ISAInfo(
+        selected_context_blocks=selected,
+        exact_query_blocks=exact_query,
+        num_source_blocks=counts.num_source_blocks,
+        num_context_blocks=counts.num_context_blocks,
+        flop_fraction=float(((per_block.sum(-1) + coarse) / (N * N)).mean()),
     )
     return out, info

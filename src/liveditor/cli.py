@@ -66,9 +66,16 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--explain", metavar="DIR", default=None,
+                   help="also draw what ISA did (middle layer, middle step) over the input frames: PNGs, mp4, JSON")
 
     def handler(args):
         from .pipelines.edit import run_edit
+
+        if args.explain:
+            from .eval.explain import check_explain_folder
+
+            check_explain_folder(args.explain, args.overwrite)
 
         run_edit(
             input_path=args.input,
@@ -85,6 +92,13 @@ def _add_edit(subparsers) -> None:
             offload=args.offload,
             overwrite=args.overwrite,
         )
+        if args.explain:
+            from .eval.explain import explain_video_edit
+
+            explain_video_edit(args.input, args.instruction, args.explain, model=args.model, attention=args.attention,
+                               steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
+                               negative_prompt=args.negative_prompt, device=args.device, offload=args.offload,
+                               overwrite=args.overwrite)
 
     p.set_defaults(handler=handler)
 

@@ -92,9 +92,9 @@ class ISAExplanation:
         return {
             "layer": self.layer, "num_layers": self.num_layers, "step": self.step, "num_steps": self.num_steps,
             "timestep": self.timestep, "branch": "conditional", "heads": heads,
-            "context_blocks_kept": int(self.selected_context_blocks.shape[1]),
+            "num_kept_context_blocks": int(self.selected_context_blocks.shape[1]),
             "num_context_blocks": self.num_context_blocks,
-            "exact_query_blocks": int(self.exact_query_blocks[0].sum()),
+            "num_exact_query_blocks": int(self.exact_query_blocks[0].sum()),
             "num_query_blocks": int(self.exact_query_blocks.shape[1]),
             "flop_fraction": self.flop_fraction,
         }
@@ -286,8 +286,8 @@ def render_frames(expl: ISAExplanation, head: int | None = None, scale: int | No
     caption = [
         f"layer {summary['layer']}/{summary['num_layers']}, step {summary['step']}/{summary['num_steps']} "
         f"(t={summary['timestep']:.0f}), conditional branch, {summary['heads']}",
-        f"context blocks kept {summary['context_blocks_kept']}/{summary['num_context_blocks']}, exact query "
-        f"blocks {summary['exact_query_blocks']}/{summary['num_query_blocks']}, "
+        f"context blocks kept {summary['num_kept_context_blocks']}/{summary['num_context_blocks']}, exact query "
+        f"blocks {summary['num_exact_query_blocks']}/{summary['num_query_blocks']}, "
         f"FLOPs {100 * summary['flop_fraction']:.1f}% of dense",
     ]
     gap, title_h = 2 * scale, 6 * scale
@@ -333,20 +333,29 @@ def render_frames(expl: ISAExplanation, head: int | None = None, scale: int | No
     return images
 
 
+def check_explain_folder(folder, overwrite: bool = False) -> Path:
+    """Raise a one-line LIVEditorError unless explanation files may be written into ``folder``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LIVEditorError(f"explain folder {folder} is not a folder")
+    if not overwrite and folder.is_dir():
+        existing = sorted(folder.glob("frame_*.png")) + [folder / n for n in (EXPLAIN_VIDEO, EXPLAIN_JSON)]
+        existing = [p for p in existing if p.exists()]
+        if existing:
+            raise LIVEditorError(f"explain folder {folder} already holds {existing[0].name}; choose another folder "
+                                 "or overwrite")
+    return folder
+
+
 def write_explanation(expl: ISAExplanation, folder, head: int | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``frame_NNN.png`` per input frame, ``explain.mp4`` (the frames as a short clip) and
     ``explain.json`` (the numbers) into ``folder``; every file atomically. Returns the paths."""
     from ..atomic import atomic_output, write_json
     from ..data.video_io import write_video
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LIVEditorError(f"explain folder {folder} is not a folder")
+    folder = check_explain_folder(folder, overwrite)
     images = render_frames(expl, head)
     names = [f"frame_{i:03d}.png" for i in range(len(images))] + [EXPLAIN_VIDEO, EXPLAIN_JSON]
-    existing = [n for n in names if (folder / n).exists()]
-    if existing and not overwrite:
-        raise LIVEditorError(f"explain folder {folder} already holds {existing[0]}; choose another folder or overwrite")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, image in zip(names, images):
@@ -365,4 +374,27 @@ def write_explanation(expl: ISAExplanation, folder, head: int | None = None, ove
     }
     write_json(folder / EXPLAIN_JSON, record)
     paths.append(folder / EXPLAIN_JSON)
+    return paths
+
+
+def explain_video_edit(input_path, instruction: str, folder, model=None, attention: str | None = None,
+                       steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                       frames: int | None = None, negative_prompt: str | None = None, device: str | None = None,
+                       offload: bool = False, overwrite: bool = False) -> list[Path]:
+    """``liveditor edit ... --explain DIR``: the same edit (same settings and seed, so the same
+    routing) run up to the middle step, its ISA routing at the middle layer written into ``folder``."""
+    from ..data.video_io import read_video
+    from ..pipelines.loading import load_pipeline, resolve_device
+
+    check_explain_folder(folder, overwrite)
+    clip = read_video(input_path)
+    pipe = load_pipeline(model, device=resolve_device(device), offload=offload, vae_tiling=offload)
+    pipe.set_progress_bar_config(disable=True)
+    if attention is not None:
+        pipe.transformer.set_attention_mode(attention)
+    expl = explain_edit(pipe, clip.frames, instruction, num_inference_steps=steps, guidance_scale=guidance,
+                        num_frames=frames, negative_prompt=negative_prompt, seed=seed)
+    paths = write_explanation(expl, folder, overwrite=overwrite)
+    print(f"wrote the ISA explanation of layer {expl.layer}, step {expl.step} ({len(paths) - 2} frames, "
+          f"{EXPLAIN_VIDEO}, {EXPLAIN_JSON}) to {folder}")
     return paths

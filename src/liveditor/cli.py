@@ -344,6 +344,28 @@ def _add_demo(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="a local web editor (Gradio) on this machine",
+        description="Serve a web page to edit videos with a LIVEditor pipeline: upload, instruction, ISA settings, "
+        "progress, cancel, download, and pictures of what ISA did. One edit runs at a time; others wait in a queue. "
+        "Binds to 127.0.0.1 (this machine only) unless --host says otherwise; nothing is sent anywhere.",
+    )
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="longest input video accepted (default 60 s)")
+
+    def handler(args):
+        from .serve import serve
+
+        serve(model=args.model, host=args.host, port=args.port, device=args.device, max_seconds=args.max_seconds)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liveditor", description="LIVEditor: in-context video editing with sparse attention."
@@ -358,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_record_activations(subparsers)
     _add_demo(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

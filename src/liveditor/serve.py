@@ -103,6 +103,7 @@ class PageEditor:
         self.model_name = str(model) if model is not None else "bundled tiny model"
         self.root = Path(tempfile.mkdtemp(prefix="liveditor-serve-", dir=root))
         self._visitors: dict[str, _Visitor] = {}
+        self._visitor_count = 0
         self._visitors_lock = threading.Lock()
         self._pipeline_lock = threading.Lock()  # a cancelled job may still finish its step
 
@@ -111,7 +112,8 @@ class PageEditor:
     def visitor(self, session: str) -> _Visitor:
         with self._visitors_lock:
             if session not in self._visitors:
-                folder = self.root / "visitors" / f"{len(self._visitors):06d}"
+                self._visitor_count += 1
+                folder = self.root / "visitors" / f"{self._visitor_count:06d}"
                 folder.mkdir(parents=True)
                 self._visitors[session] = _Visitor(folder)
             return self._visitors[session]
@@ -363,7 +365,8 @@ def build_app(editor: PageEditor):
                 head = gr.Dropdown(["mean of all heads"] + [f"head {i}" for i in range(editor.num_heads)],
                                    value="mean of all heads", label="Heads")
             explain_report = gr.Markdown(elem_id="explain-report")
-            gallery = gr.Gallery(label="What ISA did, frame by frame", columns=2, elem_id="explain-gallery")
+            gallery = gr.Gallery(label="What ISA did, frame by frame", columns=1, object_fit="contain",
+                                 height="auto", elem_id="explain-gallery")
             explain_video = gr.Video(label="As a clip", elem_id="explain-video")
         explanation = gr.State(None)
 
@@ -427,7 +430,8 @@ def _explain_outputs(editor: PageEditor, expl, head_choice: str, session: str, r
     clip = write_video(folder / f"explain-{time.monotonic_ns()}.mp4", np.stack([np.asarray(i) for i in images]),
                        fps=max(1.0, min(8.0, len(images) / 4.0)))
     s = expl.summary(head)
-    notes = (f"Layer {s['layer']} of {s['num_layers']}, step {s['step']} of {s['num_steps']}, {s['heads']}: "
+    notes = (f"Layer {s['layer']} of 0..{s['num_layers'] - 1}, step {s['step']} of 0..{s['num_steps'] - 1}, "
+             f"{s['heads']}: "
              f"{s['num_kept_context_blocks']} of {s['num_context_blocks']} context blocks kept, "
              f"{s['num_exact_query_blocks']} of {s['num_query_blocks']} query blocks exact, "
              f"**{100 * s['flop_fraction']:.1f}% of dense attention's FLOPs**.")

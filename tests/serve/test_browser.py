@@ -5,6 +5,7 @@ Without Chromium, Playwright or Gradio the test skips and says why; with LIVEDIT
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,28 @@ def _video_state(page, selector: str) -> dict:
     )
 
 
+def _set_slider(page, selector: str, value: str) -> None:
+    """Type a value into a Gradio slider's number box until the slider itself holds it (the box
+    may render before it is wired up)."""
+    box, slider = page.locator(f"{selector} input[type=number]"), page.locator(f"{selector} input[type=range]")
+    for _ in range(20):
+        box.fill(value)
+        box.press("Enter")
+        if slider.input_value() == value:
+            return
+        page.wait_for_timeout(250)
+    raise AssertionError(f"{selector} did not take the value {value}")
+
+
+def _start_edit(page, url: str, steps: str) -> None:
+    page.goto(url)
+    page.locator("#input-video input[type=file]").set_input_files(str(example_input_path()))
+    page.locator("#instruction textarea").fill("make the purple circle red")
+    page.get_by_text("Advanced").click()
+    _set_slider(page, "#steps", steps)
+    page.locator("#edit-button").click()
+
+
 def test_edit_in_the_browser(server, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -122,9 +145,11 @@ def test_edit_in_the_browser(server, chromium, tmp_path):
             viewport={"width": 1400, "height": 1300},
         )
         try:
+            # Every request of the context's pages goes through the guard.
+            context.route("**/*", guard)
+            context.on("page", lambda new: new.on("websocket", lambda ws: foreign.append(ws.url)
+                                                   if urlparse(ws.url).hostname != LOCAL_HOST else None))
             page = context.new_page()
-            page.route("**/*", guard)
-            page.on("websocket", lambda ws: foreign.append(ws.url) if urlparse(ws.url).hostname != LOCAL_HOST else None)
             page.goto(url)
 
             # A text file: a clear message in the page, and the server keeps serving.
@@ -134,18 +159,30 @@ def test_edit_in_the_browser(server, chromium, tmp_path):
             page.get_by_text("notes.txt has unsupported extension '.txt'").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
 
-            page.goto(url)
-            page.locator("#input-video input[type=file]").set_input_files(str(example_input_path()))
-            page.locator("#instruction textarea").fill("make the purple circle red")
-            page.get_by_text("Advanced").click()
-            steps = page.locator("#steps input[type=number]")
-            steps.fill("2")
-            steps.press("Enter")
-            page.locator("#edit-button").click()
+            # Two visitors: the second waits in the queue, with its position shown, while the first edits.
+            # (Each visitor fills in the page and presses Edit before the other page loads: loading a
+            # second Gradio page in the same browser resets the sliders of the first.)
+            page = context.new_page()
+            _start_edit(page, url, steps="4")
+            page.get_by_text(re.compile(r"processing|denoising")).first.wait_for(timeout=60_000)
+            second = context.new_page()
+            _start_edit(second, url, steps="2")
+            queued = second.get_by_text(re.compile(r"queue: 1/\d+")).first
+            queued.wait_for(timeout=30_000)
             page.locator("#output-video video").wait_for(timeout=240_000)
-            page.get_by_text("2 steps").wait_for(timeout=30_000)
+            page.locator("#edit-report").get_by_text("16 frames, 4 steps").wait_for(timeout=30_000)
             state = _video_state(page, "#output-video video")
             page.screenshot(path=str(tmp_path / "edited.png"), full_page=True)
+
+            second.locator("#edit-report").get_by_text("16 frames, 2 steps").wait_for(timeout=240_000)
+            second.get_by_role("tab", name="Explain").click()
+            second.get_by_text("of dense attention's FLOPs").wait_for(timeout=30_000)
+            pictures = second.locator("#explain-gallery img").count()
+            second.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+        except Exception:
+            for i, open_page in enumerate(context.pages):  # what the pages showed, for the failure report
+                open_page.screenshot(path=str(tmp_path / f"failure-{i}.png"), full_page=True)
+            raise
         finally:
             context.close()
 
@@ -158,4 +195,5 @@ def test_edit_in_the_browser(server, chromium, tmp_path):
     with urllib.request.urlopen(state["src"], timeout=30) as response:
         download.write_bytes(response.read())
     assert read_video(download).num_frames == read_video(example_input_path()).num_frames == 16
-    assert (tmp_path / "edited.png").stat().st_size > 0
+    assert pictures == 16  # one picture per input frame
+    assert (tmp_path / "edited.png").stat().st_size > 0 and (tmp_path / "explain.png").stat().st_size > 0

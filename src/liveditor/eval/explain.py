@@ -146,6 +146,13 @@ def pixel_map(token_values: np.ndarray, pixel_frame: int, patch_size, vae_stride
     return np.repeat(np.repeat(frame, p_h * stride_s, axis=0), p_w * stride_s, axis=1)
 
 
+def model_input_frames(pipe, video) -> np.ndarray:
+    """The input as the pipeline feeds it to the model (bucket size, frames used), uint8 ``[F, H, W, 3]``."""
+    pixels, _ = pipe.prepare_video(video)
+    frames = ((pixels[0].permute(1, 2, 3, 0).float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return frames.numpy()
+
+
 class ExplainProbe:
     """Captures ISA's decisions at one layer and step of a pipeline call.
 
@@ -189,8 +196,6 @@ class ExplainProbe:
             raise LIVEditorError(f"no self-attention call of layer {self.layer} at step {self.step} was seen")
         event, mass = self._captured
         info = event.info
-        pixels, _ = pipe.prepare_video(video)
-        frames = ((pixels[0].permute(1, 2, 3, 0).float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
         return ISAExplanation(
             layer=self.layer,
             num_layers=self.num_layers,
@@ -207,7 +212,7 @@ class ExplainProbe:
             num_source_blocks=info.num_source_blocks,
             num_context_blocks=info.num_context_blocks,
             flop_fraction=float(info.flop_fraction),
-            frames=frames.numpy(),
+            frames=model_input_frames(pipe, video),
         )
 
 
@@ -284,7 +289,8 @@ def render_frames(expl: ISAExplanation, head: int | None = None, scale: int | No
     summary = expl.summary(head)
     font = ImageFont.load_default(size=max(10, 4 * scale))
     caption = [
-        f"layer {summary['layer']}/{summary['num_layers']}, step {summary['step']}/{summary['num_steps']} "
+        f"layer {summary['layer']} of 0..{summary['num_layers'] - 1}, step {summary['step']} of "
+        f"0..{summary['num_steps'] - 1} "
         f"(t={summary['timestep']:.0f}), conditional branch, {summary['heads']}",
         f"context blocks kept {summary['num_kept_context_blocks']}/{summary['num_context_blocks']}, exact query "
         f"blocks {summary['num_exact_query_blocks']}/{summary['num_query_blocks']}, "

@@ -7,10 +7,68 @@ Each subcommand is one `_add_<name>(subparsers)` function that registers its par
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import warnings
 
-from .errors import LIVEditorError
+from .errors import LIVEditorError, missing_dependency_message
+
+MAX_SEED = 2**63 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Argument types: every numeric option is checked while parsing, before anything is imported.
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(minimum: float | None = None, strict: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < -1 or value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+    return text
 
 
 def _add_isa_report(subparsers) -> None:
@@ -20,13 +78,13 @@ def _add_isa_report(subparsers) -> None:
         description="Run ISA against dense attention on synthetic video in-context attention "
         "inputs and print relative L1/L2 error, cosine similarity and FLOP fraction per config.",
     )
-    p.add_argument("--frames", type=int, default=8, help="latent frames per segment")
-    p.add_argument("--height", type=int, default=16, help="latent rows per frame")
-    p.add_argument("--width", type=int, default=24, help="latent columns per frame")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--frames", type=_int_at_least(1), default=8, help="latent frames per segment")
+    p.add_argument("--height", type=_int_at_least(1), default=16, help="latent rows per frame")
+    p.add_argument("--width", type=_int_at_least(1), default=24, help="latent columns per frame")
+    p.add_argument("--heads", type=_int_at_least(1), default=4)
+    p.add_argument("--head-dim", type=_int_at_least(1), default=64)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON")
 
     def handler(args):
@@ -48,7 +106,9 @@ def _add_edit(subparsers) -> None:
     p = subparsers.add_parser(
         "edit",
         help="edit a video by an instruction with a LIVEditor pipeline",
-        description="Edit INPUT as the instruction says and write an H.264 mp4. Prints the total time "
+        description="Edit INPUT as the instruction says and write an H.264 mp4 of the same duration at the "
+        "model's frame rate (16 fps for LIVEditor-14B), with the input's audio. A video longer than the model's "
+        "window is edited in overlapping windows. Prints the fps in and out, the bucket and crop, the total time "
         "and the share of it spent in self-attention.",
     )
     p.add_argument("input", help="input video (mp4, mov, webm, mkv, avi or gif)")
@@ -57,13 +117,23 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--attention", choices=("isa", "dense"), default=None,
                    help="self-attention: isa (sparse) or dense (default: the model's own setting)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 32 for LIVEditor-14B)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="text CFG scale, <=1 disables (default: the model's, 2.5 for LIVEditor-14B)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=None, help="use at most this many input frames")
-    p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: Wan's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="denoising steps (default: the model's, 32 for LIVEditor-14B)")
+    p.add_argument("--guidance", type=_float_in(), default=None,
+                   help="text CFG scale; 1 disables CFG (default: the model's, 2.5 for LIVEditor-14B)")
+    p.add_argument("--seed", type=_seed, default=42,
+                   help="noise seed, the same for every window (default 42, as the release; -1: random, printed)")
+    p.add_argument("--window", type=_int_at_least(1), default=None,
+                   help="frames edited in one pass (default: the model's window, 81 for LIVEditor-14B); "
+                   "longer videos are edited in windows overlapping by a quarter")
+    p.add_argument("--start", type=_float_in(0.0), default=0.0, help="edit from this time (seconds)")
+    p.add_argument("--duration", type=_float_in(0.0, strict=True), default=None,
+                   help="edit this many seconds (default: to the end)")
+    p.add_argument("--resize", choices=("crop", "pad"), default="crop",
+                   help="fit the frame to the model's bucket by centre crop (default, as the release) or by "
+                   "padding (the bars are removed from the output)")
+    p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: the release's, Wan's)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--explain", metavar="DIR", default=None,
@@ -77,7 +147,7 @@ def _add_edit(subparsers) -> None:
 
             check_explain_folder(args.explain, args.overwrite)
 
-        run_edit(
+        report = run_edit(
             input_path=args.input,
             instruction=args.instruction,
             output_path=args.output,
@@ -86,7 +156,10 @@ def _add_edit(subparsers) -> None:
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,
-            frames=args.frames,
+            window=args.window,
+            start=args.start,
+            duration=args.duration,
+            resize=args.resize,
             negative_prompt=args.negative_prompt,
             device=args.device,
             offload=args.offload,
@@ -96,7 +169,8 @@ def _add_edit(subparsers) -> None:
             from .eval.explain import explain_video_edit
 
             explain_video_edit(args.input, args.instruction, args.explain, model=args.model, attention=args.attention,
-                               steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
+                               steps=args.steps, guidance=args.guidance, seed=report.seed, window=args.window,
+                               start=args.start, duration=args.duration, resize=args.resize,
                                negative_prompt=args.negative_prompt, device=args.device, offload=args.offload,
                                overwrite=args.overwrite)
 
@@ -160,6 +234,7 @@ def _add_train(subparsers) -> None:
         if args.max_time is not None:
             overrides.append(f"train.max_time_s={args.max_time}")
         config = load_config(args.config, overrides)
+        _warn_if_training_on_cpu(config)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         result = train(config, resume=not args.no_resume, progress=not args.quiet, export=not args.no_export)
         print(
@@ -169,6 +244,23 @@ def _add_train(subparsers) -> None:
         )
 
     p.set_defaults(handler=handler)
+
+
+def _warn_if_training_on_cpu(config) -> None:
+    """One warning line when a config sized for a GPU is about to train on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    # Measured on a CPU with configs/tiny-shapeedit.toml (32 clips of 16x64x64, 8 layers of 256):
+    # about 3 minutes and 20 GB a step; cost grows with clip pixels per step and model width x depth.
+    model, data = config.model, config.data
+    scale = (config.train.batch_size * data.frames * data.height * data.width / (32 * 16 * 64 * 64)
+             * model.num_layers * model.num_attention_heads * model.attention_head_dim / (8 * 256))
+    if scale >= 0.05:
+        warnings.warn(
+            f"no CUDA device: training on the CPU, about {3 * scale:.1f} min and {20 * scale:.0f} GB a step with "
+            "this config; configs/tiny-shapeedit-cpu.toml is sized for trying it on a CPU", stacklevel=2)
 
 
 def _add_make_data(subparsers) -> None:
@@ -219,13 +311,13 @@ def _add_eval(subparsers) -> None:
         "right and the rest preserved, see liveditor.eval.metrics) and report the ISA-vs-dense output PSNR.",
     )
     b.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
-    b.add_argument("--per-family", type=int, default=10, help="held-out clips per edit family (default 10)")
+    b.add_argument("--per-family", type=_int_at_least(1), default=10, help="held-out clips per edit family (default 10)")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="default: all six")
     b.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=["isa", "dense"])
-    b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    b.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
-    b.add_argument("--seed", type=int, default=0, help="noise seed, the same for every clip and mode")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    b.add_argument("--steps", type=_int_at_least(1), default=None, help="denoising steps (default: the model's)")
+    b.add_argument("--guidance", type=_float_in(), default=None, help="text CFG scale (default: the model's)")
+    b.add_argument("--seed", type=_int_at_least(0), default=0, help="noise seed, the same for every clip and mode")
+    b.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
 
     def handler(args):
@@ -265,13 +357,14 @@ def _add_record_activations(subparsers) -> None:
         "statistics, raster vs tile order, ratio variations).",
     )
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
-    p.add_argument("--clips", type=int, default=2, help="held-out clips to edit (default 2, mixed families)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: first, middle, last)")
-    p.add_argument("--at-steps", type=int, nargs="+", default=None,
+    p.add_argument("--clips", type=_int_at_least(1), default=2, help="held-out clips to edit (default 2, mixed families)")
+    p.add_argument("--layers", type=_int_at_least(0), nargs="+", default=None,
+                   help="layer indices (default: first, middle, last)")
+    p.add_argument("--at-steps", type=_int_at_least(0), nargs="+", default=None,
                    help="denoising step indices (default: first, middle, last)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps of each edit (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="denoising steps of each edit (default: the model's)")
+    p.add_argument("--guidance", type=_float_in(), default=None, help="text CFG scale (default: the model's)")
+    p.add_argument("--device", type=_device, default=None)
     p.add_argument("--save", default=None, help="also save the recorded q/k/v (torch .pt)")
     p.add_argument("--json", dest="json_path", default=None, help="write the fidelity rows as JSON")
 
@@ -284,16 +377,15 @@ def _add_record_activations(subparsers) -> None:
         from .isa.report import format_table
         from .pipelines.loading import load_pipeline
 
-        if args.clips < 1:
-            raise ValueError(f"--clips must be at least 1, got {args.clips}")
         pipe = load_pipeline(args.model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
         num_layers = len(pipe.transformer.blocks)
         steps, guidance = pipe.sampling_settings(args.steps, args.guidance)
-        if steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {steps}")
         layers = args.layers if args.layers is not None else sorted({0, num_layers // 2, num_layers - 1})
         at_steps = args.at_steps if args.at_steps is not None else sorted({0, steps // 2, steps - 1})
+        for name, values, limit in (("--layers", layers, num_layers), ("--at-steps", at_steps, steps)):
+            if max(values) >= limit:
+                raise LIVEditorError(f"{name} must be below {limit} for this model and step count, got {values}")
         height, width = pipe.resolution_buckets[0]
         options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                    "output_type": "latent", "seed": 0}
@@ -325,14 +417,14 @@ def _add_demo(subparsers) -> None:
         "input.mp4, edit.mp4, side_by_side.mp4 (input | edit | ground truth) and demo.json into DIR.",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--seed", type=int, default=None, help="clip seed (default: random)")
+    p.add_argument("--seed", type=_seed, default=-1, help="clip and noise seed (default -1: random, printed)")
     p.add_argument("--family", choices=("swap", "recolor", "add", "remove", "background", "motion"), default=None,
                    help="edit family (default: from the seed)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--attention", choices=("isa", "dense"), default=None, help="default: the model's setting")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default: the model's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=_float_in(), default=None, help="text CFG scale (default: the model's)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace demo files already in DIR")
 
     def handler(args):
@@ -366,10 +458,30 @@ def _add_serve(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("liveditor")
+    except PackageNotFoundError:  # running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+def _add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """`--debug` is accepted after any (sub)command too, e.g. `liveditor edit ... --debug`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show full tracebacks on errors")
+                _add_debug_option(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="liveditor", description="LIVEditor: in-context video editing with sparse attention."
-    )
+    parser = _Parser(prog="liveditor", description="LIVEditor: in-context video editing with sparse attention.")
+    parser.add_argument("--version", action="version", version=f"liveditor {_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_isa_report(subparsers)
@@ -381,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record_activations(subparsers)
     _add_demo(subparsers)
     _add_serve(subparsers)
+    _add_debug_option(parser)
     return parser
 
 
@@ -395,10 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
     try:
         args.handler(args)
-    except (LIVEditorError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except LIVEditorError as exc:
         if args.debug:
             raise
         print(f"liveditor {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_dependency_message(exc.name)
+        if message is None or args.debug:
+            raise
+        print(f"liveditor {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"liveditor {args.command}: interrupted", file=sys.stderr)

@@ -158,19 +158,18 @@ class PageEditor:
 
     def check_video(self, path, name: str | None = None):
         """The uploaded file decoded, or a LIVEditorError that names the upload, not a server path."""
-        from .data.video_io import read_video
+        from .data.video_io import probe_video, read_video
 
         if path is None:
             raise LIVEditorError("upload a video first (or pick the example)")
         path = Path(path)
         name = name or path.name
         try:
-            duration = _probe_duration(path)
-            if duration is not None and duration > self.max_seconds:
+            duration = probe_video(path).duration  # 0.0 when the container does not say
+            if duration > self.max_seconds:
                 raise LIVEditorError(f"{name} is {duration:.1f} s long; this server edits videos up to "
                                      f"{self.max_seconds:g} s")
-            limit = self.pipe.config.max_num_frames
-            clip = read_video(path, max_frames=limit)
+            clip = read_video(path, max_frames=self.pipe.config.max_num_frames, fps=self.pipe.config.fps)
         except LIVEditorError as exc:
             raise LIVEditorError(str(exc).replace(str(path), name)) from None
         return clip
@@ -268,24 +267,6 @@ def _to_uint8(frames) -> np.ndarray:
 def _view_scale(frames: np.ndarray) -> int:
     """Enlarge small clips (nearest neighbour) so the side-by-side is at least 256 pixels high."""
     return max(1, math.ceil(256 / frames.shape[1]))
-
-
-def _probe_duration(path: Path) -> float | None:
-    """The container's duration in seconds, without decoding (None when it does not say)."""
-    from .data.video_io import check_readable_video_path
-
-    import imageio_ffmpeg
-
-    check_readable_video_path(path)
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-    except (RuntimeError, OSError, StopIteration) as exc:
-        raise LIVEditorError(f"cannot decode {path} as a video (no readable video stream)") from exc
-    finally:
-        reader.close()
-    duration = meta.get("duration")
-    return float(duration) if duration else None
 
 
 # ----- the page ---------------------------------------------------------------------------------

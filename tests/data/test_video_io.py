@@ -117,3 +117,72 @@ def test_write_never_clobbers_and_is_atomic(tmp_path):
         write_video(tmp_path / "nowhere" / "out.mp4", _smooth_frames(2, 16, 16), fps=8)
     with pytest.raises(ValueError, match="0 frames"):
         write_video(tmp_path / "zero.mp4", np.zeros((0, 16, 16, 3), np.uint8), fps=8)
+
+
+def _clip_with_audio(path, seconds, fps, size="96x64"):
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    f"testsrc=size={size}:rate={fps}", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000",
+                    "-t", str(seconds), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(path)], check=True)
+    return path
+
+
+def test_probe_and_resampled_ranged_decoding(tmp_path):
+    from liveditor.data.video_io import iter_video_frames, probe_video
+
+    path = _clip_with_audio(tmp_path / "a.mp4", 2, 30)
+    info = probe_video(path)
+    assert (info.fps, info.height, info.width, info.has_audio) == (30, 64, 96, True)
+    assert info.duration == pytest.approx(2.0, abs=0.05)
+    assert not probe_video(write_video(tmp_path / "silent.mp4", _smooth_frames(3, 16, 16), fps=8)).has_audio
+    # Resampled to 16 fps the 2 s clip keeps its duration: 32 frames; a range keeps its length too.
+    assert sum(1 for _ in iter_video_frames(path, fps=16)) == 32
+    assert sum(1 for _ in iter_video_frames(path, fps=16, start=0.5, duration=1.0)) == 16
+    assert read_video(path, fps=8).frames.shape == (16, 64, 96, 3)
+    with pytest.raises(LIVEditorError, match="no frames from 5 s"):
+        next(iter_video_frames(path, start=5.0))
+
+
+def test_frames_are_decoded_lazily(tmp_path, monkeypatch):
+    """Frames are pulled from ffmpeg one at a time: taking the first frame of a long clip reads one
+    frame, and closing the iterator stops the decoder."""
+    from liveditor.data.video_io import iter_video_frames
+
+    pulled = []
+    real = imageio_ffmpeg.read_frames
+
+    def counting(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            pulled.append(1)
+            yield item
+
+    monkeypatch.setattr(imageio_ffmpeg, "read_frames", counting)
+    path = _clip_with_audio(tmp_path / "long.mp4", 20, 25, size="640x360")
+    frames = iter_video_frames(path)
+    first = next(frames)
+    frames.close()
+    assert first.shape == (360, 640, 3) and first.flags.writeable
+    assert len(pulled) == 2  # the header and one frame, of 500
+    pulled.clear()
+    assert sum(1 for _ in iter_video_frames(path, fps=1)) == 20 and len(pulled) == 21
+
+
+def test_writer_streams_frames_and_copies_the_audio_range(tmp_path):
+    from liveditor.data.video_io import AudioSource, VideoWriter, probe_video
+
+    source = _clip_with_audio(tmp_path / "src.mp4", 3, 10)
+    target = tmp_path / "out.mp4"
+    with VideoWriter(target, fps=8, size=(32, 48), audio=AudioSource(source, start=1.0, duration=1.0)) as writer:
+        for seed in range(4):
+            writer.write(_smooth_frames(2, 32, 48, seed=seed))
+        assert not target.exists()  # nothing appears before the end
+    info = probe_video(target)
+    assert writer.num_frames == 8 and writer.audio_copied and info.has_audio
+    assert info.duration == pytest.approx(1.0, abs=0.1)
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4", "src.mp4"]
+    # A failure inside the block leaves neither a file nor a temporary behind.
+    with pytest.raises(RuntimeError, match="stop"):
+        with VideoWriter(tmp_path / "failed.mp4", fps=8, size=(32, 48)) as writer:
+            writer.write(_smooth_frames(2, 32, 48))
+            raise RuntimeError("stop")
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4", "src.mp4"]

@@ -5,7 +5,7 @@ def tiny_shapeedit_pipeline(size: int = 32, seed: int = 0):
     """A random-weight LIVEditor pipeline on pixels (space-to-depth codec) for ShapeEdit clips."""
     from liveditor.models.tiny_codec import SpaceToDepthVideoCodec
     from liveditor.pipelines.pipeline_liveditor import LIVEditorPipeline
-    from liveditor.pipelines.testing import tiny_components
+    from tiny_models import tiny_components
 
     codec = SpaceToDepthVideoCodec(scale_factor_spatial=8)
     channels = codec.config.z_dim

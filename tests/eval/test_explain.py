@@ -155,7 +155,7 @@ def test_edit_cli_writes_the_explanation(shapeedit_model_folder, tmp_path, capsy
     from liveditor.data.video_io import write_video
 
     ex = generate_example(21, "test", config=CONFIG)
-    source = write_video(tmp_path / "in.mp4", ex.source, fps=8)
+    source = write_video(tmp_path / "in.mp4", ex.source, fps=16)  # the model's frame rate: no resampling
     out, folder = tmp_path / "out.mp4", tmp_path / "why"
     args = ["edit", str(source), ex.instruction, "-o", str(out), "--model", str(shapeedit_model_folder),
             "--steps", "2", "--explain", str(folder)]

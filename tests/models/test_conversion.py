@@ -8,7 +8,7 @@ from liveditor.cli import main as cli_main
 from liveditor.errors import LIVEditorError
 from liveditor.models.conversion import convert_checkpoint, load_original_checkpoint
 from liveditor.pipelines import load_pipeline
-from liveditor.pipelines.testing import TINY_BUCKETS, tiny_pipeline
+from tiny_models import TINY_BUCKETS, tiny_pipeline
 
 DIM, HEADS, IN_CH, TEXT_DIM, FREQ_DIM, FFN, LAYERS = 32, 2, 4, 32, 32, 64, 2
 

@@ -146,9 +146,10 @@ def pixel_map(token_values: np.ndarray, pixel_frame: int, patch_size, vae_stride
     return np.repeat(np.repeat(frame, p_h * stride_s, axis=0), p_w * stride_s, axis=1)
 
 
-def model_input_frames(pipe, video) -> np.ndarray:
-    """The input as the pipeline feeds it to the model (bucket size, frames used), uint8 ``[F, H, W, 3]``."""
-    pixels, _ = pipe.prepare_video(video)
+def model_input_frames(pipe, video, **prepare_kwargs) -> np.ndarray:
+    """The input as the pipeline feeds it to the model (bucket size, frames used), uint8 ``[F, H, W, 3]``;
+    ``prepare_kwargs``: the call's ``height``, ``width``, ``num_frames``, ``resize_mode``."""
+    pixels, _ = pipe.prepare_video(video, **prepare_kwargs)
     frames = ((pixels[0].permute(1, 2, 3, 0).float() + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
     return frames.numpy()
 
@@ -182,6 +183,8 @@ class ExplainProbe:
         return self._captured is not None
 
     def _capture(self, event, step: int) -> None:
+        if self._captured is not None:  # a windowed edit: the first window is explained
+            return
         if event.info is None:
             raise LIVEditorError("explain shows ISA's routing; this edit ran with dense attention")
         if event.query.shape[0] != 1:
@@ -190,8 +193,9 @@ class ExplainProbe:
         mass = context_block_mass(event.query.float(), event.key.float(), event.num_source, event.grid, config)
         self._captured = (event, mass[0].cpu().numpy())
 
-    def explanation(self, pipe, video) -> ISAExplanation:
-        """The captured call as an ISAExplanation; ``video``: the call's input (drawn under the blocks)."""
+    def explanation(self, pipe, video, **prepare_kwargs) -> ISAExplanation:
+        """The captured call as an ISAExplanation; ``video`` and ``prepare_kwargs`` (``height``,
+        ``width``, ``num_frames``, ``resize_mode``): the call's input, drawn under the blocks."""
         if self._captured is None:
             raise LIVEditorError(f"no self-attention call of layer {self.layer} at step {self.step} was seen")
         event, mass = self._captured
@@ -212,7 +216,7 @@ class ExplainProbe:
             num_source_blocks=info.num_source_blocks,
             num_context_blocks=info.num_context_blocks,
             flop_fraction=float(info.flop_fraction),
-            frames=model_input_frames(pipe, video),
+            frames=model_input_frames(pipe, video, **prepare_kwargs),
         )
 
 
@@ -231,7 +235,8 @@ def explain_edit(pipe, video, instruction: str, layer: int | None = None, step: 
     attention_kwargs = {**(call_kwargs.pop("attention_kwargs", None) or {}), "callback": probe.attention_callback}
     call_kwargs["output_type"] = "latent"
     pipe(video, instruction, attention_kwargs=attention_kwargs, callback_on_step_end=stop_after_capture, **call_kwargs)
-    return probe.explanation(pipe, video)
+    prepare = {k: call_kwargs[k] for k in ("height", "width", "num_frames", "resize_mode") if k in call_kwargs}
+    return probe.explanation(pipe, video, **prepare)
 
 
 # ----- drawing ----------------------------------------------------------------------------------
@@ -384,22 +389,25 @@ def write_explanation(expl: ISAExplanation, folder, head: int | None = None, ove
 
 
 def explain_video_edit(input_path, instruction: str, folder, model=None, attention: str | None = None,
-                       steps: int | None = None, guidance: float | None = None, seed: int = 0,
-                       frames: int | None = None, negative_prompt: str | None = None, device: str | None = None,
+                       steps: int | None = None, guidance: float | None = None, seed: int = 42,
+                       window: int | None = None, start: float = 0.0, duration: float | None = None,
+                       resize: str = "crop", negative_prompt: str | None = None, device: str | None = None,
                        offload: bool = False, overwrite: bool = False) -> list[Path]:
-    """``liveditor edit ... --explain DIR``: the same edit (same settings and seed, so the same
-    routing) run up to the middle step, its ISA routing at the middle layer written into ``folder``."""
+    """``liveditor edit ... --explain DIR``: the edit's first window, with the same settings and seed
+    (so the same routing), run up to the middle step; ISA's routing at the middle layer written
+    into ``folder``. ``seed``: the seed the edit used (not -1)."""
     from ..data.video_io import read_video
-    from ..pipelines.loading import load_pipeline, resolve_device
+    from ..pipelines.loading import load_pipeline
 
     check_explain_folder(folder, overwrite)
-    clip = read_video(input_path)
-    pipe = load_pipeline(model, device=resolve_device(device), offload=offload, vae_tiling=offload)
+    pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=offload)
     pipe.set_progress_bar_config(disable=True)
     if attention is not None:
         pipe.transformer.set_attention_mode(attention)
+    clip = read_video(input_path, max_frames=window or pipe.config.max_num_frames, fps=pipe.config.fps,
+                      start=start, duration=duration)
     expl = explain_edit(pipe, clip.frames, instruction, num_inference_steps=steps, guidance_scale=guidance,
-                        num_frames=frames, negative_prompt=negative_prompt, seed=seed)
+                        negative_prompt=negative_prompt, seed=seed, resize_mode=resize)
     paths = write_explanation(expl, folder, overwrite=overwrite)
     print(f"wrote the ISA explanation of layer {expl.layer}, step {expl.step} ({len(paths) - 2} frames, "
           f"{EXPLAIN_VIDEO}, {EXPLAIN_JSON}) to {folder}")

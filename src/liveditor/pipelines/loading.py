@@ -7,8 +7,6 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..errors import LIVEditorError
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
@@ -22,11 +20,23 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-liveditor"
 
 
-def resolve_device(device=None) -> torch.device:
-    """`device`, or CUDA when available, else the CPU."""
+def resolve_device(device=None):
+    """`device` as a torch.device (default: CUDA when available, else the CPU); one-line errors for
+    an unknown device name or an absent CUDA device."""
+    import torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise LIVEditorError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LIVEditorError(f"device {device} was asked for but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LIVEditorError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
 
 
 def check_pipeline_folder(path=None) -> Path:
@@ -80,8 +90,8 @@ def _import_own_component_modules(path: Path) -> None:
 
 def load_pipeline(
     path=None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    device=None,
+    dtype=None,
     offload: bool = False,
     vae_tiling: bool = False,
 ):
@@ -95,12 +105,12 @@ def load_pipeline(
         offload: diffusers' model CPU offload (each component moves to the GPU only while it runs).
         vae_tiling: decode/encode in tiles to cap VAE memory.
     """
+    import torch
+
     from .pipeline_liveditor import LIVEditorPipeline
 
     path = check_pipeline_folder(path)
     device = resolve_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LIVEditorError(f"device {device} was asked for but CUDA is not available")
     if offload and device.type != "cuda":
         raise LIVEditorError("--offload needs a CUDA device")
     if dtype is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import math
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +20,30 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..errors import LIVEditorError
 from ..models import LIVEditorTransformer3DModel  # imported so that from_pretrained may load it
 
-# Wan's standard negative prompt (its shared inference config); kept in the original Chinese, the
-# language the umT5 negative branch was trained with.
+# Wan's Chinese negative prompt exactly as the LIVEditor release's inference config spells it
+# (", " separators; Wan2.2's own config uses full-width commas). Kept in Chinese, the language the
+# umT5 negative branch was trained with.
 WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+    "色调艳丽, 过曝, 静态, 细节模糊不清, 字幕, 风格, 作品, 画作, 画面, 静止, 整体发灰, 最差质量, 低质量, JPEG压缩残留, "
+    "丑陋的, 残缺的, 多余的手指, 画得不好的手部, 画得不好的脸部, 畸形的, 毁容的, 形态畸形的肢体, 手指融合, "
+    "静止不动的画面, 杂乱的背景, 三条腿, 背景人很多, 倒着走"
 )
 
-# (height, width) buckets of LIVEditor-14B (spec section 3).
+# (height, width) buckets of LIVEditor-14B (spec section 3) and the exact aspect ratios (W/H) the
+# release compares an input against when it picks one: 16:9, 9:16, 1:1, 2:1, 1:2.
 LIVEDITOR_14B_BUCKETS = ((544, 960), (960, 544), (720, 720), (480, 960), (960, 480))
+NOMINAL_ASPECT_RATIOS = {(544, 960): 16 / 9, (960, 544): 9 / 16, (720, 720): 1.0, (480, 960): 2.0, (960, 480): 0.5}
 DEFAULT_FLOW_SHIFT = 6.0
+DEFAULT_SEED = 42  # the release's default noise seed
+WAN_SIGMA_MAX = 0.999  # first (unshifted) sigma of Wan's sampling grid, which runs linearly to 0
+RESIZE_MODES = ("crop", "pad")
+RESIZE_MULTIPLE = 16  # the release rounds the intermediate (cover) size up to a multiple of 16
+MAX_SEED = 2**63 - 1
 
 
 def flow_unipc_scheduler(flow_shift: float = DEFAULT_FLOW_SHIFT) -> UniPCMultistepScheduler:
-    """diffusers' UniPC solver in flow-matching mode, as Wan uses it, with LIVEditor's shift."""
+    """diffusers' UniPC solver in flow-matching mode as Wan configures its own (order 2, bh2), with
+    LIVEditor's shift. The pipeline hands it Wan's sigma grid (`wan_sigmas`) at every call."""
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
@@ -43,13 +54,40 @@ def flow_unipc_scheduler(flow_shift: float = DEFAULT_FLOW_SHIFT) -> UniPCMultist
     )
 
 
+def wan_sigmas(num_inference_steps: int, sigma_max: float = WAN_SIGMA_MAX) -> np.ndarray:
+    """Wan's unshifted sampling grid: `num_inference_steps` sigmas spaced linearly from `sigma_max`
+    towards 0 (0 itself excluded). diffusers' flow UniPC shifts them and appends the final 0, which
+    reproduces Wan's FlowUniPCMultistepScheduler grid (diffusers' own default starts at 1 and ends
+    at 1/1000 instead)."""
+    return np.linspace(sigma_max, 0.0, num_inference_steps + 1)[:-1].copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _ftfy_fix_text():
+    try:
+        import ftfy
+    except ImportError:  # optional (the editor extra installs it): only mojibake repair is skipped
+        return None
+    return ftfy.fix_text
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy's text repair (when installed), HTML entities unescaped twice,
+    whitespace runs collapsed to one space, ends stripped."""
+    fix_text = _ftfy_fix_text()
+    if fix_text is not None:
+        text = fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def encode_instructions(tokenizer, text_encoder, prompts: list[str], max_length: int, device=None) -> torch.Tensor:
-    """Instruction embeddings as LIVEditor uses them (at inference and in training): fixed-length
-    tokens through `text_encoder(...).last_hidden_state`, positions past the prompt zeroed (Wan's
-    convention). `device`: where the tokens go (default: the text encoder's)."""
+    """Instruction embeddings as LIVEditor uses them (at inference and in training): cleaned,
+    fixed-length tokens through `text_encoder(...).last_hidden_state`, positions past the prompt
+    zeroed (Wan's convention). `device`: where the tokens go (default: the text encoder's)."""
     device = next(text_encoder.parameters()).device if device is None else device
     tokens = tokenizer(
-        [_clean_prompt(p) for p in prompts],
+        [clean_prompt(p) for p in prompts],
         padding="max_length",
         max_length=max_length,
         truncation=True,
@@ -62,23 +100,49 @@ def encode_instructions(tokenizer, text_encoder, prompts: list[str], max_length:
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
 
+def check_seed(seed) -> int:
+    """`seed` as an int in [0, 2**63 - 1]; a negative seed means a fresh random one (as in the release)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise LIVEditorError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if seed < 0:
+        return random.SystemRandom().randrange(2**31)
+    if seed > MAX_SEED:
+        raise LIVEditorError(f"seed must be at most {MAX_SEED} (or negative for a random one), got {seed}")
+    return seed
+
+
+def check_guidance(guidance_scale) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise LIVEditorError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def check_steps(num_inference_steps) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise LIVEditorError(f"number of inference steps must be a positive integer, got {num_inference_steps!r}")
+    return num_inference_steps
+
+
 @dataclass
 class LIVEditorPipelineOutput(BaseOutput):
-    """frames: the edited video, batch first (np `[1, F, H, W, 3]` in [0, 1], a list of PIL lists,
-    a `[1, F, 3, H, W]` tensor, or the latent); fps: the frame rate to play it at."""
+    """frames: the edited videos, one per prompt (np `[B, F, H, W, 3]` in [0, 1], a list of PIL
+    lists, a `[B, F, 3, H, W]` tensor, or the latent); fps: the frame rate to play them at."""
 
     frames: object
     fps: float
 
 
-def _clean_prompt(text: str) -> str:
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+# ----- geometry --------------------------------------------------------------------------------
 
 
 def choose_bucket(height: int, width: int, buckets) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest (in log scale) to height/width; first wins ties."""
-    ratio = math.log(height / width)
-    return min(buckets, key=lambda hw: abs(math.log(hw[0] / hw[1]) - ratio))
+    """The bucket whose aspect ratio (W/H) is nearest, in linear distance, to width/height, as the
+    release picks it: the 14B buckets count as their exact ratios (16:9, 9:16, 1:1, 2:1, 1:2);
+    first wins ties."""
+    ratio = width / height
+    return min((tuple(hw) for hw in buckets),
+               key=lambda hw: abs(NOMINAL_ASPECT_RATIOS.get(hw, hw[1] / hw[0]) - ratio))
 
 
 def snap_frame_count(num_frames: int, temporal_factor: int) -> int:
@@ -86,33 +150,74 @@ def snap_frame_count(num_frames: int, temporal_factor: int) -> int:
     return (num_frames - 1) // temporal_factor * temporal_factor + 1
 
 
+@dataclass(frozen=True)
+class FrameFit:
+    """How input frames of `source` size (height, width) are fitted to a `bucket`: resized to
+    `resized` then centre-cropped (mode "crop"), or resized to `resized` and centred on black
+    (mode "pad"); `content` is the (top, left, height, width) of the picture inside the bucket."""
+
+    source: tuple[int, int]
+    bucket: tuple[int, int]
+    mode: str
+    resized: tuple[int, int]
+    content: tuple[int, int, int, int]
+
+    @staticmethod
+    def plan(source: tuple[int, int], bucket: tuple[int, int], mode: str = "crop") -> "FrameFit":
+        if mode not in RESIZE_MODES:
+            raise LIVEditorError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        (h, w), (bh, bw) = source, bucket
+        if (h, w) == (bh, bw):  # already fitted (e.g. a window of frames prepared by run_edit)
+            return FrameFit(source, bucket, mode, bucket, (0, 0, bh, bw))
+        if mode == "crop":
+            # The release: scale to cover the bucket, round the size up to a multiple of 16, crop the centre.
+            scale = max(bh / h, bw / w)
+            new_h = max(bh, math.ceil(h * scale / RESIZE_MULTIPLE - 1e-9) * RESIZE_MULTIPLE)
+            new_w = max(bw, math.ceil(w * scale / RESIZE_MULTIPLE - 1e-9) * RESIZE_MULTIPLE)
+            return FrameFit(source, bucket, mode, (new_h, new_w), (0, 0, bh, bw))
+        scale = min(bh / h, bw / w)
+        new_h, new_w = min(bh, max(2, round(h * scale))), min(bw, max(2, round(w * scale)))
+        return FrameFit(source, bucket, mode, (new_h, new_w), ((bh - new_h) // 2, (bw - new_w) // 2, new_h, new_w))
+
+    def apply(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[F, 3, h, w]` float in [0, 1] of the source size -> `[F, 3, H, W]` of the bucket size."""
+        (bh, bw), (new_h, new_w) = self.bucket, self.resized
+        if (new_h, new_w) != tuple(frames.shape[2:]):
+            frames = F.interpolate(frames, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        frames = frames.clamp(0.0, 1.0)
+        if self.mode == "crop":
+            top, left = (new_h - bh) // 2, (new_w - bw) // 2
+            return frames[:, :, top : top + bh, left : left + bw]
+        top, left, _, _ = self.content
+        out = frames.new_zeros(frames.shape[0], 3, bh, bw)
+        out[:, :, top : top + new_h, left : left + new_w] = frames
+        return out
+
+    def describe(self) -> str:
+        (h, w), (bh, bw) = self.source, self.bucket
+        if self.mode == "pad":
+            if self.resized == self.bucket:
+                return f"bucket {bw}x{bh}, no padding needed"
+            return f"bucket {bw}x{bh}, {w}x{h} scaled to {self.resized[1]}x{self.resized[0]} and padded (written without the bars)"
+        kept_h, kept_w = min(h, round(bh * h / self.resized[0])), min(w, round(bw * w / self.resized[1]))
+        if (h, w) == (bh, bw):
+            return f"bucket {bw}x{bh}, the input's own size"
+        if (kept_h, kept_w) == (h, w):
+            return f"bucket {bw}x{bh}, whole frame resized from {w}x{h}"
+        return f"bucket {bw}x{bh}, centre crop of {kept_w}x{kept_h} from {w}x{h}"
+
+
 def resize_center_crop(frames: torch.Tensor, height: int, width: int, chunk: int = 16) -> torch.Tensor:
-    """Resize `[F, 3, h, w]` (float) so it covers height x width, then crop the centre."""
-    _, _, h, w = frames.shape
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    out = []
-    for start in range(0, frames.shape[0], chunk):
-        part = frames[start : start + chunk]
-        if (new_h, new_w) != (h, w):
-            part = F.interpolate(part, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        out.append(part[:, :, top : top + height, left : left + width])
-    return torch.cat(out).clamp_(0.0, 1.0)
+    """Resize `[F, 3, h, w]` (float in [0, 1]) to cover height x width as the release does (bicubic
+    with antialias, size rounded up to a multiple of 16), then crop the centre. In chunks of frames."""
+    fit = FrameFit.plan(tuple(frames.shape[2:]), (height, width), "crop")
+    return torch.cat([fit.apply(frames[i : i + chunk]) for i in range(0, frames.shape[0], chunk)])
 
 
-def video_to_tensor(video) -> tuple[torch.Tensor, float | None]:
-    """Any accepted video input as float `[F, 3, H, W]` in [0, 1], and its fps when known.
-
-    Accepted: a file path; a list of PIL images or `[H, W, 3]` arrays; a numpy array `[F, H, W, 3]`;
-    a torch tensor `[F, 3, H, W]`. uint8 values are 0..255, float values 0..1.
-    """
-    fps = None
-    if isinstance(video, (str, Path)):
-        from ..data.video_io import read_video
-
-        clip = read_video(video)
-        video, fps = clip.frames, clip.fps
+def frames_to_tensor(video) -> torch.Tensor:
+    """In-memory frames as float `[F, 3, H, W]` in [0, 1]: a list of PIL images or `[H, W, 3]`
+    arrays, a numpy array `[F, H, W, 3]` or a torch tensor `[F, 3, H, W]`; uint8 values are 0..255,
+    float values 0..1."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise LIVEditorError("input video has no frames")
@@ -132,12 +237,10 @@ def video_to_tensor(video) -> tuple[torch.Tensor, float | None]:
     if tensor.shape[2] < 2 or tensor.shape[3] < 2:
         raise LIVEditorError(f"input video frames are too small ({tensor.shape[2]}x{tensor.shape[3]})")
     if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
-    elif tensor.is_floating_point():
-        tensor = tensor.float()
-    else:
-        raise ValueError(f"video values must be uint8 or float in [0, 1], got {tensor.dtype}")
-    return tensor, fps
+        return tensor.float() / 255.0
+    if tensor.is_floating_point():
+        return tensor.float()
+    raise ValueError(f"video values must be uint8 or float in [0, 1], got {tensor.dtype}")
 
 
 class LIVEditorPipeline(DiffusionPipeline):
@@ -153,24 +256,29 @@ class LIVEditorPipeline(DiffusionPipeline):
         vae: diffusers' `AutoencoderKLWan` interface: `encode(x).latent_dist` (its mode is used),
             `decode(z).sample`, `config.scale_factor_temporal` / `config.scale_factor_spatial`, and
             optional `config.latents_mean` / `config.latents_std` (per-channel normalisation).
-        scheduler: a flow-matching scheduler (default: UniPC, flow_prediction, shift 6.0).
+        scheduler: a flow-matching scheduler (default: UniPC, flow_prediction, order 2, bh2, shift 6.0).
         transformer: `LIVEditorTransformer3DModel`.
 
     Load a saved folder with `LIVEditorPipeline.from_pretrained(folder)` (the generic
     `DiffusionPipeline.from_pretrained` does not know this class).
 
     Pipeline config (saved in model_index.json):
-        resolution_buckets: list of (height, width); the input is resized to cover the bucket with
-            the nearest aspect ratio and centre-cropped (default: the 14B model's five buckets).
-        fps: frame rate of the output (16).
+        resolution_buckets: list of (height, width); the input is fitted to the bucket of nearest
+            aspect ratio (default: the 14B model's five buckets).
+        fps: the model's frame rate (16): a video file is resampled to it and the output plays at it.
         max_sequence_length: text tokens (512 for umT5).
-        max_num_frames: longest input used, in frames (81); longer inputs are cut.
+        max_num_frames: the model's window, in frames (81): one call edits at most this many
+            (`liveditor.pipelines.edit.run_edit` covers longer videos in overlapping windows).
+        default_num_inference_steps, default_guidance_scale: sampling defaults (32, 2.5).
+        sigma_max: first unshifted sigma of the sampling grid handed to a flow scheduler (Wan's
+            0.999, running linearly to 0); None keeps the scheduler's own grid.
 
     Memory: `enable_model_cpu_offload()` (keeps only the running component on the GPU) and
     `vae.enable_tiling()` let the 14B model edit on one 80 GB GPU.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
@@ -185,6 +293,7 @@ class LIVEditorPipeline(DiffusionPipeline):
         max_num_frames: int = 81,
         default_num_inference_steps: int = 32,
         default_guidance_scale: float = 2.5,
+        sigma_max: float | None = WAN_SIGMA_MAX,
     ):
         super().__init__()
         self.register_modules(
@@ -193,6 +302,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         buckets = [tuple(int(v) for v in hw) for hw in resolution_buckets]
         if not buckets or any(len(hw) != 2 or min(hw) < 1 for hw in buckets):
             raise ValueError(f"resolution_buckets must be a non-empty list of (height, width), got {resolution_buckets}")
+        if sigma_max is not None and not 0 < sigma_max <= 1:
+            raise ValueError(f"sigma_max must be in (0, 1] or None, got {sigma_max}")
         self.register_to_config(
             resolution_buckets=[list(hw) for hw in buckets],
             fps=float(fps),
@@ -200,7 +311,41 @@ class LIVEditorPipeline(DiffusionPipeline):
             max_num_frames=max_num_frames,
             default_num_inference_steps=int(default_num_inference_steps),
             default_guidance_scale=float(default_guidance_scale),
+            sigma_max=None if sigma_max is None else float(sigma_max),
         )
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+        self._current_timestep = None
+        self._interrupt = False
+        self._attention_kwargs = None
+
+    # ----- diffusers-style state (readable from a step callback) --------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """CFG runs whenever the scale is not 1 (as in the release)."""
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from a step callback) to skip the remaining steps."""
+        return self._interrupt
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
 
     # ----- geometry ----------------------------------------------------------------------------
 
@@ -227,33 +372,64 @@ class LIVEditorPipeline(DiffusionPipeline):
         if height % step_h or width % step_w:
             raise LIVEditorError(f"resolution {height}x{width} is not a multiple of {step_h}x{step_w}")
 
-    def prepare_video(self, video, height: int | None = None, width: int | None = None, num_frames: int | None = None):
-        """The input as `[1, 3, F, H, W]` in [-1, 1] at a bucket resolution and a 4k+1 frame count,
-        plus the input's fps (None when unknown)."""
-        frames, fps = video_to_tensor(video)
+    def plan_fit(self, source: tuple[int, int], height: int | None = None, width: int | None = None,
+                 resize_mode: str = "crop") -> FrameFit:
+        """How frames of `source` (height, width) are fitted: to the given bucket, or the bucket of
+        nearest aspect ratio."""
         if (height is None) != (width is None):
             raise ValueError("give both height and width, or neither")
         if height is None:
-            height, width = choose_bucket(frames.shape[2], frames.shape[3], self.resolution_buckets)
+            height, width = choose_bucket(source[0], source[1], self.resolution_buckets)
         self._check_resolution(height, width)
+        return FrameFit.plan(source, (height, width), resize_mode)
+
+    def prepare_video(self, video, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                      resize_mode: str = "crop"):
+        """The input as `[1, 3, F, H, W]` in [-1, 1] at a bucket resolution and a `k * t + 1` frame
+        count, plus its `FrameFit`. A file is decoded as needed, resampled to the model's fps."""
         limit = self.config.max_num_frames if num_frames is None else num_frames
-        if limit < 1:
-            raise ValueError(f"num_frames must be at least 1, got {limit}")
-        count = snap_frame_count(min(frames.shape[0], limit), self.vae_scale_factor_temporal)
-        frames = resize_center_crop(frames[:count], height, width)
-        return (frames * 2.0 - 1.0).permute(1, 0, 2, 3).unsqueeze(0), fps
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise LIVEditorError(f"num_frames must be a positive integer, got {limit!r}")
+        if isinstance(video, (str, Path)):
+            from ..data.video_io import iter_video_frames, probe_video
+
+            info = probe_video(video)
+            fit = self.plan_fit((info.height, info.width), height, width, resize_mode)
+            fitted = []  # each frame fitted as it is decoded: a large clip is never in memory whole
+            for frame in iter_video_frames(video, fps=self.config.fps):
+                fitted.append(fit.apply(frames_to_tensor(frame[None])))
+                if len(fitted) == limit:
+                    break
+            frames = torch.cat(fitted)
+        else:
+            frames = frames_to_tensor(video)[:limit]
+            fit = self.plan_fit(tuple(frames.shape[2:]), height, width, resize_mode)
+            frames = torch.cat([fit.apply(frames[i : i + 8]) for i in range(0, frames.shape[0], 8)])
+        count = snap_frame_count(frames.shape[0], self.vae_scale_factor_temporal)
+        return (frames[:count] * 2.0 - 1.0).permute(1, 0, 2, 3).unsqueeze(0), fit
 
     # ----- text and latents --------------------------------------------------------------------
 
-    def _encode_text(self, texts: list[str], device, dtype) -> torch.Tensor:
-        hidden = encode_instructions(self.tokenizer, self.text_encoder, texts, self.config.max_sequence_length, device)
-        return hidden.to(device=device, dtype=dtype)
-
-    def encode_prompt(self, prompt: str, negative_prompt: str | None, do_cfg: bool, device, dtype):
-        """Text embeddings of the instruction and (with CFG) of the negative prompt."""
-        texts = [prompt] + ([WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt] if do_cfg else [])
-        embeds = self._encode_text(texts, device, dtype)
-        return embeds[:1], (embeds[1:] if do_cfg else None)
+    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance: bool = True,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      device=None, dtype=None):
+        """(prompt_embeds, negative_prompt_embeds): `[B, L, D]` each; the negative ones only with
+        CFG (default negative prompt: the release's). Given embeddings are used as they are."""
+        device = self._execution_device if device is None else device
+        dtype = self.transformer.dtype if dtype is None else dtype
+        length = self.config.max_sequence_length
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = encode_instructions(self.tokenizer, self.text_encoder, prompts, length, device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            negatives = [negative] * batch if isinstance(negative, str) else list(negative)
+            negative_prompt_embeds = encode_instructions(self.tokenizer, self.text_encoder, negatives, length, device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
 
     def _latent_stats(self, z: torch.Tensor):
         cfg = self.vae.config
@@ -271,12 +447,12 @@ class LIVEditorPipeline(DiffusionPipeline):
         return z if stats is None else (z - stats[0]) / stats[1]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """`[1, 3, F, H, W]` video in [-1, 1] from a normalised latent."""
+        """`[B, 3, F, H, W]` video in [-1, 1] from a normalised latent."""
         z = latents.to(device=self._execution_device, dtype=self.vae.dtype)
         stats = self._latent_stats(z)
         if stats is not None:
             z = z * stats[1] + stats[0]
-        return self.vae.decode(z).sample
+        return torch.cat([self.vae.decode(z[i : i + 1]).sample for i in range(z.shape[0])])
 
     def sampling_settings(self, num_inference_steps: int | None = None, guidance_scale: float | None = None):
         """(steps, guidance) with None replaced by this folder's sampling defaults."""
@@ -286,90 +462,175 @@ class LIVEditorPipeline(DiffusionPipeline):
             guidance_scale = self.config.default_guidance_scale
         return num_inference_steps, guidance_scale
 
+    def set_sampling_timesteps(self, num_inference_steps: int, device=None) -> torch.Tensor:
+        """Set the scheduler's timesteps: Wan's sigma grid (`sigma_max` config) for a flow-sigma
+        scheduler, else the scheduler's own. Returns the timesteps."""
+        sigma_max = self.config.get("sigma_max", WAN_SIGMA_MAX)
+        if sigma_max is not None and getattr(self.scheduler.config, "use_flow_sigmas", False):
+            self.scheduler.set_timesteps(device=device, sigmas=wan_sigmas(num_inference_steps, sigma_max))
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def check_inputs(self, video, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                     latents, prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs):
+        """Every argument check of `__call__`, before any work (user errors raise LIVEditorError)."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise LIVEditorError("the edit instruction is empty")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+            if any(not p.strip() for p in prompts):
+                raise LIVEditorError("the edit instruction is empty")
+            batch = len(prompts)
+        else:
+            if prompt_embeds.dim() != 3:
+                raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(prompt_embeds.shape)}")
+            batch = prompt_embeds.shape[0]
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != batch or not all(
+                    isinstance(p, str) for p in negative_prompt):
+                raise ValueError(f"negative_prompt must be a string or a list of {batch} strings")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != batch:
+            raise ValueError(f"negative_prompt_embeds must have batch size {batch}, got {negative_prompt_embeds.shape[0]}")
+        check_steps(num_inference_steps)
+        check_guidance(guidance_scale)
+        if seed is not None:
+            check_seed(seed)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError("generator must be one torch.Generator (its draws give every prompt its noise)")
+        if latents is not None and (latents.dim() != 5 or latents.shape[0] != batch):
+            raise ValueError(f"latents must be [{batch}, C, F, H, W], got shape {tuple(latents.shape)}")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type must be np, pil, pt or latent, got {output_type!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+        if video is None:
+            raise ValueError("video is required: LIVEditor edits an input video")
+        return batch
+
     # ----- call --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
-        video,
-        prompt: str,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        video=None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = DEFAULT_SEED,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
-        attention_kwargs: dict | None = None,
         return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        resize_mode: str = "crop",
     ):
         """Edit `video` as `prompt` says.
 
         Args:
-            video: a path (mp4/mov/webm/gif...), a list of frames, a numpy `[F, H, W, 3]` array or a
-                tensor `[F, 3, H, W]` (uint8 0..255 or float 0..1).
-            prompt: the edit instruction.
-            negative_prompt: the CFG negative branch (None: Wan's standard negative prompt).
-            num_inference_steps: solver steps (None: the folder's `default_num_inference_steps`,
-                32 for LIVEditor-14B).
-            guidance_scale: text-only classifier-free guidance (None: the folder's
-                `default_guidance_scale`, 2.5 for LIVEditor-14B); the context video is in both
-                branches. 1 or less disables CFG.
-            height, width: output size, one of the pipeline's resolution buckets (default: the bucket
-                with the nearest aspect ratio).
-            num_frames: use at most this many input frames (snapped down to the VAE's 4k+1 rule).
-            seed / generator: noise seed (a generator wins over a seed).
+            video: a path (mp4/mov/webm/gif...; decoded as needed and resampled to the model's fps),
+                a list of frames, a numpy `[F, H, W, 3]` array or a tensor `[F, 3, H, W]` (uint8, or
+                float in [0, 1]).
+            prompt: the instruction, or a list of instructions: one edit of the same video each.
+            negative_prompt: CFG negative prompt(s) (default: the release's, Wan's Chinese one).
+            height, width: one of the pipeline's resolution buckets (default: the bucket of nearest
+                aspect ratio, as the release picks it).
+            num_frames: use at most this many input frames (default: `max_num_frames`), snapped
+                down to the VAE's `k * t + 1` rule.
+            num_inference_steps, guidance_scale: default: the folder's (32 and 2.5 for 14B); CFG
+                runs whenever the scale is not 1.
+            seed: noise seed (default 42, as the release; negative: random): float32 `randn` of the
+                latent shape from a `torch.Generator` on the pipeline's device. `generator` wins.
+            latents: the initial noise `[B, C, F', H', W']` instead.
+            prompt_embeds, negative_prompt_embeds: precomputed text embeddings `[B, L, D]`.
             output_type: "np", "pil", "pt" or "latent".
             attention_kwargs: per-call attention overrides for the transformer
-                ({"mode": "isa"|"dense", "isa_config": ISAConfig}).
+                ({"mode": "isa"|"dense", "isa_config": ISAConfig, "callback": fn}).
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, called after
+                every step with the tensors named in `callback_on_step_end_tensor_inputs` (among
+                `_callback_tensor_inputs`); returned tensors replace them. Set `pipe._interrupt`
+                to stop early (the remaining steps are skipped and the current latent decoded).
+            resize_mode: "crop" (cover the bucket, crop the centre) or "pad" (fit inside it, black
+                bars, removed again from the output).
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise LIVEditorError("the edit instruction is empty")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
         num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type must be np, pil, pt or latent, got {output_type!r}")
+        batch = self.check_inputs(video, prompt, negative_prompt, num_inference_steps, guidance_scale, seed,
+                                  generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
+                                  callback_on_step_end_tensor_inputs)
+        self._guidance_scale = float(guidance_scale)
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
         device = self._execution_device
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
-
-        pixels, _ = self.prepare_video(video, height, width, num_frames)
-        do_cfg = guidance_scale > 1.0
         dtype = self.transformer.dtype
-        prompt_embeds, negative_embeds = self.encode_prompt(prompt, negative_prompt, do_cfg, device, dtype)
 
+        pixels, fit = self.prepare_video(video, height, width, num_frames, resize_mode)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds, negative_prompt_embeds,
+            device, dtype)
         context = self.encode_video(pixels).to(device=device, dtype=torch.float32)
-        latents = randn_tensor(context.shape, generator=generator, device=device, dtype=torch.float32)
-        context = context.to(dtype)
+        shape = (batch, *context.shape[1:])
+        if latents is None:
+            if generator is None:
+                generator = torch.Generator(device=device).manual_seed(check_seed(DEFAULT_SEED if seed is None else seed))
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this video, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+        context = context.to(dtype).expand(batch, *context.shape[1:])
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps = self.set_sampling_timesteps(num_inference_steps, device)
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
                 model_input = latents.to(dtype)
-                step_t = t.expand(latents.shape[0])
+                step_t = t.expand(batch)
                 flow = self.transformer(
                     model_input, step_t, prompt_embeds, context, attention_kwargs=attention_kwargs, return_dict=False
                 )[0]
-                if do_cfg:
+                if self.do_classifier_free_guidance:
                     flow_uncond = self.transformer(
-                        model_input, step_t, negative_embeds, context, attention_kwargs=attention_kwargs,
+                        model_input, step_t, negative_prompt_embeds, context, attention_kwargs=attention_kwargs,
                         return_dict=False,
                     )[0]
                     flow = flow_uncond + guidance_scale * (flow - flow_uncond)
                 latents = self.scheduler.step(flow.float(), t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress.update()
+        self._current_timestep = None
 
         if output_type == "latent":
             frames = latents
         else:
             video_out = self.decode_latents(latents).float().clamp(-1.0, 1.0)
-            video_out = ((video_out + 1.0) / 2.0).permute(0, 2, 1, 3, 4).cpu()  # [1, F, 3, H, W] in [0, 1]
+            video_out = ((video_out + 1.0) / 2.0).permute(0, 2, 1, 3, 4).cpu()  # [B, F, 3, H, W] in [0, 1]
+            top, left, h, w = fit.content
+            video_out = video_out[:, :, :, top : top + h, left : left + w]
             if output_type == "pt":
                 frames = video_out
             else:

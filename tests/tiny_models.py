@@ -1,13 +1,18 @@
-"""Tiny randomly initialised pipeline components: for tests, smoke runs and small trained models.
+"""Tiny randomly initialised pipeline components for tests (importable as `tiny_models`: pytest
+puts this folder on sys.path because tests/conftest.py lives here).
 
 Every component has the real class and interface of the 14B pipeline's (AutoencoderKLWan, a
 transformers umT5 encoder and fast tokenizer, UniPC, LIVEditorTransformer3DModel), only small.
-Nothing is downloaded.
+Nothing is downloaded. Weights are drawn under `torch.random.fork_rng`, so building them never
+changes the global random state.
 """
 
 from __future__ import annotations
 
 import torch
+
+from liveditor.models import LIVEditorTransformer3DModel
+from liveditor.pipelines.pipeline_liveditor import LIVEditorPipeline, flow_unipc_scheduler
 
 TINY_BUCKETS = ((64, 64), (64, 96), (96, 64))
 
@@ -32,7 +37,6 @@ def tiny_tokenizer():
 def tiny_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=d_model,
@@ -46,40 +50,41 @@ def tiny_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return UMT5EncoderModel(config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(config).eval()
 
 
 def tiny_vae(z_dim: int = 4, seed: int = 0):
     """AutoencoderKLWan with Wan's strides (4x temporal, 8x spatial) and a few thousand weights."""
     from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=z_dim,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=(torch.randn(z_dim, generator=g) * 0.1).tolist(),
-        latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist(),
-    ).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=z_dim,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=(torch.randn(z_dim, generator=g) * 0.1).tolist(),
+            latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist(),
+        ).eval()
 
 
 def tiny_components(seed: int = 0, resolution_buckets=TINY_BUCKETS, max_sequence_length: int = 32, **transformer_overrides):
     """Keyword arguments of LIVEditorPipeline with tiny random components."""
-    from ..models import LIVEditorTransformer3DModel
-    from .pipeline_liveditor import flow_unipc_scheduler
-
     tokenizer = tiny_tokenizer()
     text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
     vae = tiny_vae(seed=seed)
-    torch.manual_seed(seed + 1)
-    transformer = LIVEditorTransformer3DModel.from_preset(
-        "liveditor-tiny",
-        **{"in_channels": vae.config.z_dim, "out_channels": vae.config.z_dim,
-           "text_dim": text_encoder.config.d_model, **transformer_overrides},
-    ).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        transformer = LIVEditorTransformer3DModel.from_preset(
+            "liveditor-tiny",
+            **{"in_channels": vae.config.z_dim, "out_channels": vae.config.z_dim,
+               "text_dim": text_encoder.config.d_model, **transformer_overrides},
+        ).eval()
     return dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -94,6 +99,4 @@ def tiny_components(seed: int = 0, resolution_buckets=TINY_BUCKETS, max_sequence
 
 def tiny_pipeline(seed: int = 0, **kwargs):
     """A LIVEditorPipeline of tiny random components (CPU, float32)."""
-    from .pipeline_liveditor import LIVEditorPipeline
-
     return LIVEditorPipeline(**tiny_components(seed=seed, **kwargs))

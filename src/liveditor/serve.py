@@ -7,7 +7,6 @@ its assets are served by this server, it binds to 127.0.0.1 unless told otherwis
 public share link.
 """
 
-
 import math
 import os
 import random
@@ -15,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +182,8 @@ class PageEditor:
 
         from .data.video_io import write_video
         from .demo import side_by_side
+        from .data.video_io import to_uint8_frames
         from .eval.explain import ExplainProbe, model_input_frames
-        from .isa import ISAConfig
 
         if not isinstance(instruction, str) or not instruction.strip():
             raise LIVEditorError("the edit instruction is empty")
@@ -198,7 +197,7 @@ class PageEditor:
         ratios = {k: getattr(settings, k) for k in ("select_ratio", "full_ratio", "exact_ratio")}
         ratios = {k: float(v) for k, v in ratios.items() if v is not None}
         try:
-            attention_kwargs["isa_config"] = ISAConfig(**{**vars(self.pipe.transformer.isa_config), **ratios})
+            attention_kwargs["isa_config"] = replace(self.pipe.transformer.isa_config, **ratios)
         except ValueError as exc:
             raise LIVEditorError(str(exc)) from None
         steps, guidance = self.pipe.sampling_settings(settings.steps, settings.guidance)
@@ -214,7 +213,8 @@ class PageEditor:
             cancel = visitor.cancel
             probe = None
             if mode == "isa":
-                probe = ExplainProbe(self.pipe, settings.explain_layer, settings.explain_step, steps)
+                step = None if settings.explain_step is None else min(settings.explain_step, steps - 1)
+                probe = ExplainProbe(self.pipe, settings.explain_layer, step, steps)
                 attention_kwargs["callback"] = probe.attention_callback
             done = []
 
@@ -252,16 +252,10 @@ class PageEditor:
         folder.mkdir()
         edited = result.frames[0]
         output = write_video(folder / "edited.mp4", edited, fps=result.fps)
-        both = write_video(folder / "input_and_edit.mp4", side_by_side(source, _to_uint8(edited), scale=_view_scale(source)),
+        both = write_video(folder / "input_and_edit.mp4", side_by_side(source, to_uint8_frames(edited), scale=_view_scale(source)),
                            fps=result.fps)
         return PageEdit(output=output, side_by_side=both, seconds=seconds, attention_seconds=timer.seconds,
                         attention=mode, seed=seed, steps=steps, num_frames=int(edited.shape[0]), explanation=explanation)
-
-
-def _to_uint8(frames) -> np.ndarray:
-    from .data.video_io import to_uint8_frames
-
-    return to_uint8_frames(frames)
 
 
 def _view_scale(frames: np.ndarray) -> int:
@@ -356,7 +350,7 @@ def build_app(editor: PageEditor):
             settings = EditSettings(
                 attention=attention_, steps=int(steps_), guidance=float(guidance_),
                 seed=None if random_seed_ else int(seed_), select_ratio=select_, full_ratio=full_,
-                exact_ratio=exact_, explain_layer=int(layer_), explain_step=min(int(step_), int(steps_) - 1),
+                exact_ratio=exact_, explain_layer=int(layer_), explain_step=int(step_),
             )
             try:
                 done = editor.edit(request.session_hash, video, text, settings,

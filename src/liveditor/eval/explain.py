@@ -16,7 +16,6 @@ latent patch -> the pixels of the VAE's spatial and temporal stride.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -118,10 +118,11 @@ class PageEditor:
             return self._visitors[session]
 
     def leave(self, session: str) -> None:
-        """A visitor closed the page: remove their folder."""
+        """A visitor closed the page: stop their edit after its step and remove their folder."""
         with self._visitors_lock:
             visitor = self._visitors.pop(session, None)
         if visitor is not None:
+            visitor.cancel.set()
             shutil.rmtree(visitor.folder, ignore_errors=True)
 
     def cancel(self, session: str) -> None:
@@ -246,10 +247,13 @@ class PageEditor:
             explanation = probe.explanation(self.pipe, clip.frames) if probe is not None else None
             source = model_input_frames(self.pipe, clip.frames) if explanation is None else explanation.frames
 
-        visitor.edits += 1
-        folder = visitor.folder / f"edit-{visitor.edits:03d}"
-        shutil.rmtree(visitor.folder / f"edit-{visitor.edits - 1:03d}", ignore_errors=True)  # keep one edit
-        folder.mkdir()
+        with self._visitors_lock:  # the visitor may have left during the last step
+            if self._visitors.get(session) is not visitor:
+                raise EditCancelled("the visitor left the page")
+            visitor.edits += 1
+            folder = visitor.folder / f"edit-{visitor.edits:03d}"
+            shutil.rmtree(visitor.folder / f"edit-{visitor.edits - 1:03d}", ignore_errors=True)  # keep one edit
+            folder.mkdir()
         edited = result.frames[0]
         output = write_video(folder / "edited.mp4", edited, fps=result.fps)
         both = write_video(folder / "input_and_edit.mp4", side_by_side(source, to_uint8_frames(edited), scale=_view_scale(source)),
@@ -355,6 +359,9 @@ def build_app(editor: PageEditor):
             try:
                 done = editor.edit(request.session_hash, video, text, settings,
                                    progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"))
+            except EditCancelled as exc:
+                print(f"liveditor serve: {exc}", flush=True)  # the page stopped listening when Cancel was pressed
+                raise gr.Error(str(exc), print_exception=False) from None
             except LIVEditorError as exc:
                 raise gr.Error(str(exc), duration=None, print_exception=False) from None
             pictures, clip, notes = _explain_outputs(editor, done.explanation, head_, request.session_hash, render_frames)

@@ -74,7 +74,7 @@ def server(chromium, tmp_path_factory):
                 process.kill()
                 pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url, Path(env["TMPDIR"])
+    yield url, log
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -102,21 +102,25 @@ def _video_state(page, selector: str) -> dict:
 
 
 def _set_slider(page, selector: str, value: str) -> None:
-    """Type a value into a Gradio slider's number box until the slider itself holds it (the box
-    may render before it is wired up)."""
+    """Type a value into a Gradio slider's number box until the slider holds it for a while (a
+    page still starting up may put the default back)."""
     box, slider = page.locator(f"{selector} input[type=number]"), page.locator(f"{selector} input[type=range]")
-    for _ in range(20):
-        box.fill(value)
-        box.press("Enter")
-        if slider.input_value() == value:
-            return
-        page.wait_for_timeout(250)
-    raise AssertionError(f"{selector} did not take the value {value}")
+    for _ in range(40):
+        if slider.input_value() != value:
+            box.fill(value)
+            box.press("Enter")
+        page.wait_for_timeout(500)
+        if slider.input_value() == value and box.input_value() == value:
+            page.wait_for_timeout(500)
+            if slider.input_value() == value:
+                return
+    raise AssertionError(f"{selector} did not keep the value {value}")
 
 
 def _start_edit(page, url: str, steps: str) -> None:
     page.goto(url)
     page.locator("#input-video input[type=file]").set_input_files(str(example_input_path()))
+    page.locator("#input-preview video").wait_for(timeout=60_000)  # the upload was checked
     page.locator("#instruction textarea").fill("make the purple circle red")
     page.get_by_text("Advanced").click()
     _set_slider(page, "#steps", steps)
@@ -126,7 +130,7 @@ def _start_edit(page, url: str, steps: str) -> None:
 def test_edit_in_the_browser(server, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    url, server_tmp = server
+    url, log = server
     foreign = []
 
     def guard(route):
@@ -179,6 +183,16 @@ def test_edit_in_the_browser(server, chromium, tmp_path):
             second.get_by_text("of dense attention's FLOPs").wait_for(timeout=30_000)
             pictures = second.locator("#explain-gallery img").count()
             second.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+
+            # Cancel stops a long edit after the running step, and the next edit runs.
+            _start_edit(page, url, steps="60")
+            page.get_by_text(re.compile(r"denoising: \d+ */ *60")).first.wait_for(timeout=120_000)
+            page.locator("#cancel-button").click()
+            deadline = time.monotonic() + 120
+            while "edit cancelled after step" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            _start_edit(page, url, steps="1")
+            page.locator("#edit-report").get_by_text("16 frames, 1 steps").wait_for(timeout=240_000)
         except Exception:
             for i, open_page in enumerate(context.pages):  # what the pages showed, for the failure report
                 open_page.screenshot(path=str(tmp_path / f"failure-{i}.png"), full_page=True)
@@ -196,4 +210,6 @@ def test_edit_in_the_browser(server, chromium, tmp_path):
         download.write_bytes(response.read())
     assert read_video(download).num_frames == read_video(example_input_path()).num_frames == 16
     assert pictures == 16  # one picture per input frame
+    cancelled = re.findall(r"edit cancelled after step (\d+) of 60", log.read_text())
+    assert len(cancelled) == 1 and int(cancelled[0]) < 60, log.read_text()[-2000:]
     assert (tmp_path / "edited.png").stat().st_size > 0 and (tmp_path / "explain.png").stat().st_size > 0

@@ -91,6 +91,17 @@ def test_cancel_stops_after_the_current_step(editor):
     assert done.output.exists()
 
 
+def test_a_visitor_who_leaves_stops_their_edit(editor):
+    folder = editor.visitor("visitor-d").folder
+
+    def leave(done, total):
+        editor.leave("visitor-d")
+
+    with pytest.raises(EditCancelled, match="after step 1 of 5"):
+        editor.edit("visitor-d", example_input_path(), INSTRUCTION, EditSettings(steps=5), progress=leave)
+    assert not folder.exists()
+
+
 def test_visitors_have_their_own_folders_removed_when_they_leave(editor):
     a, b = editor.visitor("visitor-x"), editor.visitor("visitor-y")
     assert a.folder != b.folder and a.folder.is_dir() and b.folder.is_dir()

@@ -80,6 +80,7 @@ class EditCancelled(LIVEditorError):
 class _Visitor:
     folder: Path
     cancel: threading.Event = field(default_factory=threading.Event)
+    editing: bool = False  # an edit of this visitor is waiting for the pipeline or running
     edits: int = 0
 
 
@@ -126,10 +127,11 @@ class PageEditor:
             shutil.rmtree(visitor.folder, ignore_errors=True)
 
     def cancel(self, session: str) -> None:
+        """Stop the visitor's edit after its running step (nothing happens when none is under way)."""
         with self._visitors_lock:
             visitor = self._visitors.get(session)
-        if visitor is not None:
-            visitor.cancel.set()
+            if visitor is not None and visitor.editing:
+                visitor.cancel.set()
 
     def close(self) -> None:
         """Remove every temporary file of the server."""
@@ -209,43 +211,49 @@ class PageEditor:
         seed = random.SystemRandom().randrange(2**31) if settings.seed is None else int(settings.seed)
         mode = attention_kwargs.get("mode", self.pipe.transformer.attention_mode)
 
-        with self._pipeline_lock:
-            visitor.cancel = threading.Event()
-            cancel = visitor.cancel
-            probe = None
-            if mode == "isa":
-                step = None if settings.explain_step is None else min(settings.explain_step, steps - 1)
-                probe = ExplainProbe(self.pipe, settings.explain_layer, step, steps)
-                attention_kwargs["callback"] = probe.attention_callback
-            done = []
+        with self._visitors_lock:
+            visitor.editing = True
+        try:
+            with self._pipeline_lock:
+                cancel = visitor.cancel
+                probe = None
+                if mode == "isa":
+                    explain_step = None if settings.explain_step is None else min(settings.explain_step, steps - 1)
+                    probe = ExplainProbe(self.pipe, settings.explain_layer, explain_step, steps)
+                    attention_kwargs["callback"] = probe.attention_callback
+                done = []
 
-            def on_step(pipe, step, timestep, callback_kwargs):
-                if probe is not None:
-                    probe.step_callback(pipe, step, timestep, callback_kwargs)
-                done.append(step)
-                if progress is not None:
-                    progress(step + 1, steps)
+                def on_step(pipe, step, timestep, callback_kwargs):
+                    if probe is not None:
+                        probe.step_callback(pipe, step, timestep, callback_kwargs)
+                    done.append(step)
+                    if progress is not None:
+                        progress(step + 1, steps)
+                    if cancel.is_set():
+                        pipe._interrupt = True
+                    return {}
+
+                timer = self.pipe.transformer.attention_timer
+                timer.enabled = True
+                timer.reset()
+                start = time.perf_counter()
+                try:
+                    result = self.pipe(clip.frames, instruction, num_inference_steps=steps, guidance_scale=guidance,
+                                       seed=seed, output_type="np", attention_kwargs=attention_kwargs,
+                                       callback_on_step_end=on_step)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                finally:
+                    timer.enabled = False
+                seconds = time.perf_counter() - start
                 if cancel.is_set():
-                    pipe._interrupt = True
-                return {}
-
-            timer = self.pipe.transformer.attention_timer
-            timer.enabled = True
-            timer.reset()
-            start = time.perf_counter()
-            try:
-                result = self.pipe(clip.frames, instruction, num_inference_steps=steps, guidance_scale=guidance,
-                                   seed=seed, output_type="np", attention_kwargs=attention_kwargs,
-                                   callback_on_step_end=on_step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-            finally:
-                timer.enabled = False
-            seconds = time.perf_counter() - start
-            if cancel.is_set():
-                raise EditCancelled(f"edit cancelled after step {len(done)} of {steps}")
-            explanation = probe.explanation(self.pipe, clip.frames) if probe is not None else None
-            source = model_input_frames(self.pipe, clip.frames) if explanation is None else explanation.frames
+                    raise EditCancelled(f"edit cancelled after step {len(done)} of {steps}")
+                explanation = probe.explanation(self.pipe, clip.frames) if probe is not None else None
+                source = model_input_frames(self.pipe, clip.frames) if explanation is None else explanation.frames
+        finally:
+            with self._visitors_lock:
+                visitor.editing = False
+                visitor.cancel.clear()
 
         with self._visitors_lock:  # the visitor may have left during the last step
             if self._visitors.get(session) is not visitor:
@@ -256,8 +264,8 @@ class PageEditor:
             folder.mkdir()
         edited = result.frames[0]
         output = write_video(folder / "edited.mp4", edited, fps=result.fps)
-        both = write_video(folder / "input_and_edit.mp4", side_by_side(source, to_uint8_frames(edited), scale=_view_scale(source)),
-                           fps=result.fps)
+        both = side_by_side(source, to_uint8_frames(edited), scale=_view_scale(source))
+        both = write_video(folder / "input_and_edit.mp4", both, fps=result.fps)
         return PageEdit(output=output, side_by_side=both, seconds=seconds, attention_seconds=timer.seconds,
                         attention=mode, seed=seed, steps=steps, num_frames=int(edited.shape[0]), explanation=explanation)
 

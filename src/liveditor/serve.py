@@ -141,10 +141,12 @@ class PageEditor:
 
     @property
     def defaults(self) -> EditSettings:
+        from .pipelines.pipeline_liveditor import DEFAULT_SEED
+
         config = self.pipe.transformer.isa_config
         steps, guidance = self.pipe.sampling_settings()
-        return EditSettings(attention=self.pipe.transformer.attention_mode, steps=steps, guidance=guidance, seed=0,
-                            select_ratio=config.select_ratio, full_ratio=config.full_ratio,
+        return EditSettings(attention=self.pipe.transformer.attention_mode, steps=steps, guidance=guidance,
+                            seed=DEFAULT_SEED, select_ratio=config.select_ratio, full_ratio=config.full_ratio,
                             exact_ratio=config.exact_ratio, explain_layer=len(self.pipe.transformer.blocks) // 2,
                             explain_step=steps // 2)
 
@@ -267,7 +269,8 @@ class PageEditor:
         both = side_by_side(source, to_uint8_frames(edited), scale=_view_scale(source))
         both = write_video(folder / "input_and_edit.mp4", both, fps=result.fps)
         return PageEdit(output=output, side_by_side=both, seconds=seconds, attention_seconds=timer.seconds,
-                        attention=mode, seed=seed, steps=steps, num_frames=int(edited.shape[0]), explanation=explanation)
+                        attention=mode, seed=seed, steps=steps, num_frames=int(edited.shape[0]),
+                        explanation=explanation)
 
 
 def _view_scale(frames: np.ndarray) -> int:
@@ -325,7 +328,7 @@ def build_app(editor: PageEditor):
                         steps = gr.Slider(1, steps_max, value=defaults.steps, step=1, label="Denoising steps",
                                           elem_id="steps")
                         guidance = gr.Number(value=defaults.guidance, label="Guidance (text CFG; 1 = off)")
-                        seed = gr.Number(value=0, precision=0, label="Seed")
+                        seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
                         random_seed = gr.Checkbox(value=False, label="Random seed")
                         select_ratio = gr.Slider(0.01, 1.0, value=defaults.select_ratio, step=0.01,
                                                  label="ISA: context blocks kept (select ratio)")
@@ -372,7 +375,8 @@ def build_app(editor: PageEditor):
                 raise gr.Error(str(exc), print_exception=False) from None
             except LIVEditorError as exc:
                 raise gr.Error(str(exc), duration=None, print_exception=False) from None
-            pictures, clip, notes = _explain_outputs(editor, done.explanation, head_, request.session_hash, render_frames)
+            pictures, clip, notes = _explain_outputs(editor, done.explanation, head_, request.session_hash,
+                                                     render_frames)
             return (str(done.output), str(done.side_by_side), done.summary(), str(done.output), done.explanation,
                     pictures, clip, notes)
 

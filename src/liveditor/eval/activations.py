@@ -73,7 +73,8 @@ class ConditionalAttentionProbe:
         return {}
 
 
-def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps: Sequence[int], **call_kwargs) -> list[RecordedAttention]:
+def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps: Sequence[int],
+                     **call_kwargs) -> list[RecordedAttention]:
     """Edit ``video`` with ``pipe`` and return the self-attention inputs of ``layers`` at denoising
     ``steps`` (0 = first step; the conditional CFG branch). The step count is the call's
     ``num_inference_steps`` or, without it, the pipeline folder's default."""

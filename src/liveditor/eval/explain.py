@@ -99,7 +99,8 @@ class ISAExplanation:
         }
 
 
-def context_block_mass(query: torch.Tensor, key: torch.Tensor, num_source: int, grid, config: ISAConfig) -> torch.Tensor:
+def context_block_mass(query: torch.Tensor, key: torch.Tensor, num_source: int, grid,
+                       config: ISAConfig) -> torch.Tensor:
     """``[B, H, n_ctx]``: coarse softmax mass of the pooled source queries on each pooled context
     key block, averaged over source blocks (ISA's pre-selection ranks context blocks by it)."""
     n_tokens = query.shape[2]
@@ -373,7 +374,8 @@ def write_explanation(expl: ISAExplanation, folder, head: int | None = None, ove
             image.save(handle, format="PNG")
         paths.append(folder / name)
     fps = max(1.0, min(8.0, len(images) / 4.0))  # a few seconds whatever the clip's length
-    paths.append(write_video(folder / EXPLAIN_VIDEO, np.stack([np.asarray(i) for i in images]), fps=fps, overwrite=True))
+    clip = np.stack([np.asarray(image) for image in images])
+    paths.append(write_video(folder / EXPLAIN_VIDEO, clip, fps=fps, overwrite=True))
     record = {
         **expl.summary(head),
         "grid": list(expl.grid), "patch_size": list(expl.patch_size), "vae_stride": list(expl.vae_stride),

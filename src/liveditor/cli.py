@@ -446,9 +446,10 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="longest input video accepted (default 60 s)")
+    p.add_argument("--port", type=_int_at_least(1), default=7860)
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--max-seconds", type=_float_in(0.0, strict=True), default=60.0,
+                   help="longest input video accepted (default 60 s)")
 
     def handler(args):
         from .serve import serve

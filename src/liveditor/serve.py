@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -442,10 +443,20 @@ def serve(model=None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device
 
         app = build_app(editor)
         app.queue(default_concurrency_limit=1)
+        try:
+            app.launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
+                       prevent_thread_lock=True, allowed_paths=[str(example_input_path().parent)],
+                       max_file_size=MAX_UPLOAD_SIZE, ssr_mode=False, mcp_server=False, pwa=False,
+                       enable_monitoring=False, footer_links=[])
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            raise LIVEditorError(f"cannot serve on {host}:{port} ({str(exc).split('.')[0]})") from None
         print(f"LIVEditor web editor ({editor.model_name} on {editor.device}): http://{host}:{port}  (Ctrl+C stops)",
               flush=True)
-        app.launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                   allowed_paths=[str(example_input_path().parent)], max_file_size=MAX_UPLOAD_SIZE,
-                   ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, footer_links=[])
+        signal.signal(signal.SIGTERM, _stop)  # a service manager's stop also removes the temporary files
+        app.block_thread()
     finally:
         editor.close()
+
+
+def _stop(signum, frame):
+    raise SystemExit(0)

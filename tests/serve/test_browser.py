@@ -81,6 +81,8 @@ def server(chromium, tmp_path_factory):
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    # Stopping the server removed every upload, edit and Gradio copy.
+    assert not list(Path(env["TMPDIR"]).glob("liveditor-serve-*")), log.read_text()[-2000:]
 
 
 def _video_state(page, selector: str) -> dict:

@@ -124,3 +124,21 @@ def test_the_page_has_its_parts(editor):
     assert app.fns[run_id].concurrency_limit == 1  # one edit at a time; the others queue
     # Cancel also drops a waiting edit from the queue.
     assert any(fn.is_cancel_function and run_id in fn.cancels for fn in app.fns.values())
+
+
+def test_serve_command_line_errors(capsys, monkeypatch, tmp_path):
+    import socket
+
+    from liveditor.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--max-seconds", "0"])
+    assert exited.value.code == 2 and "--max-seconds: must be > 0" in capsys.readouterr().err
+    pytest.importorskip("gradio")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # serve() points it at its own folder; restored after
+    with socket.socket() as taken:  # a port that another program listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--device", "cpu"]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -146,6 +146,8 @@ def _add_edit(subparsers) -> None:
             from .eval.explain import check_explain_folder
 
             check_explain_folder(args.explain, args.overwrite)
+            if args.attention == "dense":
+                raise LIVEditorError("--explain draws ISA's routing; it needs ISA attention, not --attention dense")
 
         report = run_edit(
             input_path=args.input,

@@ -167,3 +167,6 @@ def test_edit_cli_writes_the_explanation(shapeedit_model_folder, tmp_path, capsy
     # An explanation already there: refused before any edit is written.
     assert main([*args[:4], str(tmp_path / "second.mp4"), *args[5:]]) == 2
     assert "already holds" in capsys.readouterr().err and not (tmp_path / "second.mp4").exists()
+    assert main([*args[:4], str(tmp_path / "third.mp4"), *args[5:-1], str(tmp_path / "dense"),
+                 "--attention", "dense"]) == 2
+    assert "needs ISA attention" in capsys.readouterr().err and not (tmp_path / "third.mp4").exists()

@@ -136,11 +136,20 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--explain", metavar="DIR", default=None,
+                   help="also draw what ISA did (middle layer, middle step) over the input frames: PNGs, mp4, JSON")
 
     def handler(args):
         from .pipelines.edit import run_edit
 
-        run_edit(
+        if args.explain:
+            from .eval.explain import check_explain_folder
+
+            check_explain_folder(args.explain, args.overwrite)
+            if args.attention == "dense":
+                raise LIVEditorError("--explain draws ISA's routing; it needs ISA attention, not --attention dense")
+
+        report = run_edit(
             input_path=args.input,
             instruction=args.instruction,
             output_path=args.output,
@@ -158,6 +167,14 @@ def _add_edit(subparsers) -> None:
             offload=args.offload,
             overwrite=args.overwrite,
         )
+        if args.explain:
+            from .eval.explain import explain_video_edit
+
+            explain_video_edit(args.input, args.instruction, args.explain, model=args.model, attention=args.attention,
+                               steps=args.steps, guidance=args.guidance, seed=report.seed, window=args.window,
+                               start=args.start, duration=args.duration, resize=args.resize,
+                               negative_prompt=args.negative_prompt, device=args.device, offload=args.offload,
+                               overwrite=args.overwrite)
 
     p.set_defaults(handler=handler)
 
@@ -432,6 +449,29 @@ def _add_demo(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="a local web editor (Gradio) on this machine",
+        description="Serve a web page to edit videos with a LIVEditor pipeline: upload, instruction, ISA settings, "
+        "progress, cancel, download, and pictures of what ISA did. One edit runs at a time; others wait in a queue. "
+        "Binds to 127.0.0.1 (this machine only) unless --host says otherwise; nothing is sent anywhere.",
+    )
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_at_least(1), default=7860)
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--max-seconds", type=_float_in(0.0, strict=True), default=60.0,
+                   help="longest input video accepted (default 60 s)")
+
+    def handler(args):
+        from .serve import serve
+
+        serve(model=args.model, host=args.host, port=args.port, device=args.device, max_seconds=args.max_seconds)
+
+    p.set_defaults(handler=handler)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -466,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_record_activations(subparsers)
     _add_demo(subparsers)
+    _add_serve(subparsers)
     _add_debug_option(parser)
     return parser
 

@@ -9,7 +9,7 @@ conditional branch of chosen denoising steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,43 +34,63 @@ class RecordedAttention:
     grid: tuple[int, int, int]
 
 
-def _check_indices(name: str, values: Sequence[int], limit: int) -> list[int]:
+def check_indices(name: str, values: Sequence[int], limit: int) -> list[int]:
+    """Sorted distinct ints of ``values``, each in ``[0, limit)``; ValueError naming ``name`` otherwise."""
     values = sorted(set(int(v) for v in values))
     if not values or values[0] < 0 or values[-1] >= limit:
         raise ValueError(f"{name} must be in [0, {limit}), got {values}")
     return values
 
 
-def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps: Sequence[int], **call_kwargs) -> list[RecordedAttention]:
+class ConditionalAttentionProbe:
+    """Hands the self-attention events of chosen layers at chosen denoising steps, conditional CFG
+    branch only, to ``on_event(event, step)``.
+
+    Pass ``attention_callback`` as the pipeline's ``attention_kwargs["callback"]`` and
+    ``step_callback`` as its ``callback_on_step_end``: the step callback says where a denoising step
+    ends, and the first transformer forward of each step is the conditional branch (the pipeline
+    runs it first). ``timesteps`` lists the timestep of every finished step.
+    """
+
+    def __init__(self, layers: Sequence[int], steps: Sequence[int], on_event: Callable[[AttentionEvent, int], None]):
+        self.layers = frozenset(layers)
+        self.steps = frozenset(steps)
+        self.on_event = on_event
+        self.step = 0
+        self.timesteps: list[float] = []
+        self._forwards = 0  # transformer forwards begun in the current step
+
+    def attention_callback(self, event: AttentionEvent) -> None:
+        if event.layer == 0:  # every forward runs its blocks in order
+            self._forwards += 1
+        if self._forwards == 1 and self.step in self.steps and event.layer in self.layers:
+            self.on_event(event, self.step)
+
+    def step_callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.timesteps.append(float(timestep))
+        self.step = step + 1
+        self._forwards = 0
+        return {}
+
+
+def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps: Sequence[int],
+                     **call_kwargs) -> list[RecordedAttention]:
     """Edit ``video`` with ``pipe`` and return the self-attention inputs of ``layers`` at denoising
-    ``steps`` (0 = first step; the conditional CFG branch, which the pipeline runs first)."""
-    transformer = pipe.transformer
-    num_layers = len(transformer.blocks)
-    layers = _check_indices("layers", layers, num_layers)
-    num_steps = call_kwargs.get("num_inference_steps", 32)
-    steps = _check_indices("steps", steps, num_steps)
+    ``steps`` (0 = first step; the conditional CFG branch). The step count is the call's
+    ``num_inference_steps`` or, without it, the pipeline folder's default."""
+    num_layers = len(pipe.transformer.blocks)
+    layers = check_indices("layers", layers, num_layers)
+    num_steps, _ = pipe.sampling_settings(call_kwargs.get("num_inference_steps"))
+    steps = check_indices("steps", steps, num_steps)
 
     records: list[RecordedAttention] = []
-    state = {"step": -1, "timestep": None, "recording": False}
 
-    def on_transformer(module, args, kwargs):
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        value = float(timestep.flatten()[0])
-        if value != state["timestep"]:  # a new denoising step; its first call is the conditional branch
-            state["step"] += 1
-            state["timestep"] = value
-            state["recording"] = state["step"] in steps
-        else:
-            state["recording"] = False
-
-    def on_attention(event: AttentionEvent) -> None:
-        if not state["recording"] or event.layer not in layers:
-            return
+    def keep(event: AttentionEvent, step: int) -> None:
         records.append(
             RecordedAttention(
                 layer=event.layer,
-                step=state["step"],
-                timestep=state["timestep"],
+                step=step,
+                timestep=float("nan"),  # known once the step ends
                 q=event.query.detach().float().cpu(),
                 k=event.key.detach().float().cpu(),
                 v=event.value.detach().float().cpu(),
@@ -80,12 +100,11 @@ def record_attention(pipe, video, instruction: str, layers: Sequence[int], steps
             )
         )
 
-    attention_kwargs = {**(call_kwargs.pop("attention_kwargs", None) or {}), "callback": on_attention}
-    handle = transformer.register_forward_pre_hook(on_transformer, with_kwargs=True)
-    try:
-        pipe(video, instruction, attention_kwargs=attention_kwargs, **call_kwargs)
-    finally:
-        handle.remove()
+    probe = ConditionalAttentionProbe(layers, steps, keep)
+    attention_kwargs = {**(call_kwargs.pop("attention_kwargs", None) or {}), "callback": probe.attention_callback}
+    pipe(video, instruction, attention_kwargs=attention_kwargs, callback_on_step_end=probe.step_callback, **call_kwargs)
+    for record in records:
+        record.timestep = probe.timesteps[record.step]
     return records
 
 

@@ -137,7 +137,8 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--explain", metavar="DIR", default=None,
-                   help="also draw what ISA did (middle layer, middle step) over the input frames: PNGs, mp4, JSON")
+                   help="also draw what ISA does on this edit (middle layer, middle step; ISA attention even where "
+                        "the edit ran dense) over the input frames: PNGs, mp4, JSON")
 
     def handler(args):
         from .pipelines.edit import run_edit
@@ -146,8 +147,6 @@ def _add_edit(subparsers) -> None:
             from .eval.explain import check_explain_folder
 
             check_explain_folder(args.explain, args.overwrite)
-            if args.attention == "dense":
-                raise LIVEditorError("--explain draws ISA's routing; it needs ISA attention, not --attention dense")
 
         report = run_edit(
             input_path=args.input,
@@ -170,8 +169,8 @@ def _add_edit(subparsers) -> None:
         if args.explain:
             from .eval.explain import explain_video_edit
 
-            explain_video_edit(args.input, args.instruction, args.explain, model=args.model, attention=args.attention,
-                               steps=args.steps, guidance=args.guidance, seed=report.seed, window=args.window,
+            explain_video_edit(args.input, args.instruction, args.explain, model=args.model,
+                               edit_attention=report.attention_mode, steps=args.steps, guidance=args.guidance, seed=report.seed, window=args.window,
                                start=args.start, duration=args.duration, resize=args.resize,
                                negative_prompt=args.negative_prompt, device=args.device, offload=args.offload,
                                overwrite=args.overwrite)

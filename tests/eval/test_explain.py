@@ -167,6 +167,10 @@ def test_edit_cli_writes_the_explanation(shapeedit_model_folder, tmp_path, capsy
     # An explanation already there: refused before any edit is written.
     assert main([*args[:4], str(tmp_path / "second.mp4"), *args[5:]]) == 2
     assert "already holds" in capsys.readouterr().err and not (tmp_path / "second.mp4").exists()
+    # A dense edit is explained as ISA would route it, and the line says so.
+    capsys.readouterr()
     assert main([*args[:4], str(tmp_path / "third.mp4"), *args[5:-1], str(tmp_path / "dense"),
-                 "--attention", "dense"]) == 2
-    assert "needs ISA attention" in capsys.readouterr().err and not (tmp_path / "third.mp4").exists()
+                 "--attention", "dense"]) == 0
+    assert "the edit ran dense attention" in capsys.readouterr().out
+    dense_record = json.loads((tmp_path / "dense" / EXPLAIN_JSON).read_text())
+    assert dense_record["num_exact_query_blocks"] < dense_record["num_query_blocks"]  # real ISA routing

@@ -389,27 +389,29 @@ def write_explanation(expl: ISAExplanation, folder, head: int | None = None, ove
     return paths
 
 
-def explain_video_edit(input_path, instruction: str, folder, model=None, attention: str | None = None,
+def explain_video_edit(input_path, instruction: str, folder, model=None, edit_attention: str = "isa",
                        steps: int | None = None, guidance: float | None = None, seed: int = 42,
                        window: int | None = None, start: float = 0.0, duration: float | None = None,
                        resize: str = "crop", negative_prompt: str | None = None, device: str | None = None,
                        offload: bool = False, overwrite: bool = False) -> list[Path]:
-    """``liveditor edit ... --explain DIR``: the edit's first window, with the same settings and seed
-    (so the same routing), run up to the middle step; ISA's routing at the middle layer written
-    into ``folder``. ``seed``: the seed the edit used (not -1)."""
+    """``liveditor edit ... --explain DIR``: the edit's first window, with the same settings and seed,
+    run with ISA attention up to the middle step (the same routing as the edit when it ran ISA; an
+    edit that ran dense, ``edit_attention="dense"``, is explained as ISA would route it, and the line
+    says so); ISA's routing at the middle layer written into ``folder``. ``seed``: the seed the edit
+    used."""
     from ..data.video_io import read_video
     from ..pipelines.loading import load_pipeline
 
     check_explain_folder(folder, overwrite)
     pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=offload)
     pipe.set_progress_bar_config(disable=True)
-    if attention is not None:
-        pipe.transformer.set_attention_mode(attention)
+    pipe.transformer.set_attention_mode("isa")
     clip = read_video(input_path, max_frames=window or pipe.config.max_num_frames, fps=pipe.config.fps,
                       start=start, duration=duration)
     expl = explain_edit(pipe, clip.frames, instruction, num_inference_steps=steps, guidance_scale=guidance,
                         negative_prompt=negative_prompt, seed=seed, resize_mode=resize)
     paths = write_explanation(expl, folder, overwrite=overwrite)
+    ran_dense = " (the edit ran dense attention: this is the routing ISA takes on it)"
     print(f"wrote the ISA explanation of layer {expl.layer}, step {expl.step} ({len(paths) - 2} frames, "
-          f"{EXPLAIN_VIDEO}, {EXPLAIN_JSON}) to {folder}")
+          f"{EXPLAIN_VIDEO}, {EXPLAIN_JSON}) to {folder}" + (ran_dense if edit_attention == "dense" else ""))
     return paths

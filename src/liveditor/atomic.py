@@ -59,15 +59,28 @@ def old_copy(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".old")
 
 
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = False) -> None:
+    """Rename the finished folder ``tmp`` onto ``path``, swapping out an old one if ``replace``: at
+    every moment either ``path`` or ``old_copy(path)`` is a complete folder, and the old one is
+    deleted once the new one is in place. Without ``replace`` an existing ``path`` is an error."""
+    path = Path(path)
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = old_copy(path)
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        if not replace:
+            raise FileExistsError(f"{path} already exists")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, replace: bool = False):
-    """Build a folder in a temporary sibling and rename it onto ``path`` only if the block succeeds.
-
-    With ``replace=False`` an existing ``path`` is an error (checked again at the rename). With
-    ``replace=True`` the old folder is swapped out: at every moment either ``path`` or
-    ``old_copy(path)`` is a complete folder, and the old one is deleted once the new one is in place.
-    On failure the temporary folder is removed and ``path`` is untouched.
-    """
+    """Build a folder in a temporary sibling and publish it onto ``path`` (`publish_directory`)
+    only if the block succeeds; on failure the temporary folder is removed and ``path`` is untouched.
+    With ``replace=False`` an existing ``path`` is an error (checked before and at the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not replace:
@@ -75,19 +88,10 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = old_copy(path)
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        publish_directory(tmp, path, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old_copy(path), ignore_errors=True)
 
 
 def _umask() -> int:

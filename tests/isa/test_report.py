@@ -86,6 +86,8 @@ def test_isa_report_command_writes_json(tmp_path, capsys):
 
 
 def test_isa_report_bad_arguments_exit_nonzero(capsys):
-    assert main(["isa-report", "--heads", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects the value while parsing
+        main(["isa-report", "--heads", "0"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error" in err and "\n" == err[-1] and err.count("\n") == 1

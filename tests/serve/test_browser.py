@@ -125,6 +125,8 @@ def _start_edit(page, url: str, steps: str) -> None:
     page.locator("#input-preview video").wait_for(timeout=60_000)  # the upload was checked
     page.locator("#instruction textarea").fill("make the purple circle red")
     page.get_by_text("Advanced").click()
+    # ISA, so that the Explain tab has a routing to show (the bundled model's default is dense).
+    page.locator("#attention").get_by_text("isa", exact=True).click()
     _set_slider(page, "#steps", steps)
     page.locator("#edit-button").click()
 

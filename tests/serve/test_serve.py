@@ -56,7 +56,7 @@ def test_missing_upload_and_empty_instruction(editor):
 
 def test_edit_reports_and_reproduces_its_seed(editor):
     steps_seen = []
-    first = editor.edit("visitor-b", example_input_path(), INSTRUCTION, EditSettings(steps=2, seed=None),
+    first = editor.edit("visitor-b", example_input_path(), INSTRUCTION, EditSettings(steps=2, seed=None, attention="isa"),
                         progress=lambda done, total: steps_seen.append((done, total)))
     assert steps_seen == [(1, 2), (2, 2)]  # the page's progress bar
     edited = read_video(first.output).frames
@@ -67,7 +67,7 @@ def test_edit_reports_and_reproduces_its_seed(editor):
     # The explanation of the default layer at the default step (the middle of this edit's two steps).
     assert (first.explanation.layer, first.explanation.step, first.explanation.num_steps) == (4, 1, 2)
     again = editor.edit("visitor-b", example_input_path(), INSTRUCTION, EditSettings(steps=2, seed=first.seed,
-                                                                                      explain_step=0))
+                                                                                      attention="isa", explain_step=0))
     assert again.explanation.step == 0
     np.testing.assert_array_equal(read_video(again.output).frames, edited)
     # One edit kept per visitor: the first one's files are gone.

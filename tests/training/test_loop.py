@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from liveditor.errors import LIVEditorError
 from liveditor.training import build_components, load_config, train
+from liveditor.atomic import publish_directory
 from liveditor.training.loop import (
     CHECKPOINT_DIR,
     ClipSeeds,
-    _replace_dir,
     edit_region_weights,
     find_checkpoint,
     learning_rate,
@@ -99,7 +99,7 @@ def test_checkpoint_swap_always_leaves_a_complete_checkpoint(tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     (new / "trainer_state.json").write_text('{"step": 2}')
-    _replace_dir(new, tmp_path / CHECKPOINT_DIR)
+    publish_directory(new, tmp_path / CHECKPOINT_DIR, replace=True)
     assert json.loads((find_checkpoint(tmp_path) / "trainer_state.json").read_text())["step"] == 2
     assert not (tmp_path / (CHECKPOINT_DIR + ".old")).exists()
     # A crash between the two renames leaves only checkpoint.old: it is found.

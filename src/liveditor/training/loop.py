@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..atomic import old_copy, publish_directory
 from ..errors import LIVEditorError
 from ..pipelines.pipeline_liveditor import encode_instructions
 from .config import TrainConfig
@@ -281,22 +281,8 @@ def learning_rate(config: TrainConfig, step: int, elapsed_s: float) -> float:
     return o.lr * warmup * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` onto `final`. At every moment either `final` or
-    `final.old` is a complete folder; `find_checkpoint` looks at both."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def find_checkpoint(output_dir: Path) -> Path | None:
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        path = output_dir / name
+    for path in (output_dir / CHECKPOINT_DIR, old_copy(output_dir / CHECKPOINT_DIR)):
         if (path / TRAINER_STATE).is_file():
             return path
     return None
@@ -311,7 +297,7 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        _replace_dir(tmp, output_dir / CHECKPOINT_DIR)
+        publish_directory(tmp, output_dir / CHECKPOINT_DIR, replace=True)
     accelerator.wait_for_everyone()
 
 
@@ -366,7 +352,7 @@ def export_pipeline(config: TrainConfig, tokenizer, text_encoder, codec, transfo
         shutil.rmtree(tmp)
     pipeline.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
     (tmp / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
-    _replace_dir(tmp, pipeline_dir)
+    publish_directory(tmp, pipeline_dir, replace=True)
     return pipeline_dir
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ...atomic import atomic_directory
 from ...errors import LIVEditorError
 from ..pipeline_liveditor import LIVEDITOR_14B_BUCKETS, LIVEditorPipeline, flow_unipc_scheduler
 from .release import UNUSED_NAMES, ReleaseCheckpoint, TransformerReport, build_transformer, load_release_checkpoint
@@ -82,8 +80,7 @@ def convert_checkpoint(
         transformer, transformer_report = build_transformer(release, base_num_heads(base, layout), dtype,
                                                             ignore_unknown_keys)
         progress.update()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             progress.set_postfix_str(f"base components ({layout} layout)")
             entries = write_base_components(base, tmp, layout)
             progress.update()
@@ -99,11 +96,7 @@ def convert_checkpoint(
                 "transformer": [type(transformer).__module__, type(transformer).__name__],
             }
             (tmp / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-            os.replace(tmp, out)
-            progress.update()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        progress.update()
     finally:
         progress.close()
     return ConversionReport(out=out, base_layout=layout, checkpoint=release, transformer=transformer_report)

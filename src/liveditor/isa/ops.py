@@ -127,7 +127,9 @@ def isa_sparse_attention_backward(
 def _isa_sparse_attention_backward_fake(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists,
                                         exact_mask, out, lse, exact_from_dense, num_source, block_size, num_full,
                                         scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+    # new_empty, not empty_like: the gradients are fresh contiguous tensors whatever q/k/v's strides
+    # (the model passes transposed views), and inductor checks the real strides against these.
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             pooled_k.new_empty(pooled_k.shape, dtype=torch.float32),
             pooled_v.new_empty(pooled_v.shape, dtype=torch.float32))
 

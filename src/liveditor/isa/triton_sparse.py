@@ -426,7 +426,7 @@ def _launch_options(block_size: int, head_dim: int, backward: bool = False) -> d
 
 def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
                    num_source: int, block_size: int, num_full: int, scale: float, stages=("scatter", "attend")):
-    """Forward of both groups; returns (out [B,H,N,D] in q's dtype, lse [B,H,N] fp32).
+    """Forward of both groups; returns (out [B,H,N,D] in q's dtype, lse [B,H,N] fp32), both contiguous.
 
     exact_out: the exact group computed by a dense kernel, packed `[B, H, num_full*b, D]` in
     query_order, or None to compute the exact group here. `stages` lets a benchmark time the
@@ -440,7 +440,9 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
         _expect("sparse_forward", "exact_out", exact_out, q.dtype, (B, H, num_full * block_size, D), q.device)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    # With exact_out no kernel here writes the exact group's lse (its backward is the dense kernel's):
+    # zeros there rather than uninitialised memory, so that the output is deterministic.
+    lse = (torch.empty if exact_out is None else torch.zeros)(B, H, N, device=q.device, dtype=torch.float32)
     meta = _meta(q, block_size)
     first = 0
     if exact_out is not None:

@@ -72,7 +72,7 @@ def assert_holds(model, sd):
         if key.split(".", 2)[-1] in UNUSED_PER_BLOCK:
             continue
         param = expected_parameter(model, key)
-        torch.testing.assert_close(param.detach(), value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(param.detach().cpu(), value, rtol=0, atol=0, msg=key)  # any device
         covered.add(id(param))
     assert covered == {id(p) for p in model.parameters()}
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liveditor.isa import dense_kernels
 from liveditor.isa.dense_kernels import (
     DENSE_KERNEL_ENV,
     choose_dense_kernel,
@@ -22,13 +21,7 @@ from liveditor.isa.dense_kernels import (
 LOGGER = "liveditor.isa.dense_kernels"
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """As in a fresh process: no setting, no environment variable, nothing chosen or warned yet."""
-    monkeypatch.delenv(DENSE_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(dense_kernels, "_setting", None)
-    monkeypatch.setattr(dense_kernels, "_choices", {})
-    monkeypatch.setattr(dense_kernels, "_warned", set())
+pytestmark = pytest.mark.usefixtures("fresh_dense_kernel_state")
 
 
 def cpu_qkv(seed: int, N: int = 48, D: int = 16):

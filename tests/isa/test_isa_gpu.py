@@ -13,13 +13,13 @@ import logging
 
 import pytest
 import torch
-from kernel_checks import forward_and_grads, max_err
 import torch.nn.functional as F
+from kernel_checks import forward_and_grads, max_err
 
-from liveditor.isa import ISAConfig, dense_kernels, isa_attention
+from liveditor.isa import ISAConfig, isa_attention
 from liveditor.isa.reference import isa_attention_torch
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("fresh_dense_kernel_state")]
 triton = pytest.importorskip("triton")
 from liveditor.isa import ops  # noqa: E402
 from liveditor.isa.dense_kernels import (  # noqa: E402
@@ -34,12 +34,6 @@ LOGGER = "liveditor.isa.dense_kernels"
 ABS_FLOOR = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def fresh_dense_kernel_state(monkeypatch):
-    monkeypatch.delenv(DENSE_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(dense_kernels, "_setting", None)
-    monkeypatch.setattr(dense_kernels, "_choices", {})
-    monkeypatch.setattr(dense_kernels, "_warned", set())
 
 
 def draw(B, H, N, D, dtype, seed, scale=1.0):

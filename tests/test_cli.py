@@ -9,6 +9,7 @@ import pytest
 
 from liveditor import __version__
 from liveditor.cli import main
+from liveditor.errors import LIVEditorError
 
 RUN_BEFORE_IMPORTS = """
 import sys, time
@@ -126,3 +127,21 @@ def test_train_on_cpu_warns_with_the_default_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_training_on_cpu(small)
+
+
+def test_a_missing_web_extra_is_one_line_naming_the_install(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ModuleNotFoundError("No module named 'gradio'", name="gradio")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "gradio", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    from liveditor.serve import _gradio
+
+    with pytest.raises(LIVEditorError, match=r"pip install 'liveditor\[web\]'"):
+        _gradio()

@@ -36,6 +36,7 @@ OPTIONAL_DEPENDENCIES = {
     "tomli": "editor",
     "ftfy": "editor",
     "triton": "triton",
+    "gradio": "web",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LIVEditorError
+from .errors import LIVEditorError, require
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -297,11 +297,7 @@ step apply to the next edit; the head can be changed afterwards."""
 def _gradio():
     """Gradio, imported with its analytics off and its temporary files under ``GRADIO_TEMP_DIR``."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    try:
-        import gradio as gr
-    except ImportError as exc:
-        raise LIVEditorError("the web editor needs Gradio: pip install 'liveditor[web]'") from exc
-    return gr
+    return require("gradio")
 
 
 def build_app(editor: PageEditor):

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..atomic import old_copy, publish_directory
 from ..errors import LIVEditorError
@@ -144,6 +144,10 @@ def sample_seeds(seed: int, stage: int, indices) -> np.ndarray:
     return (out >> np.uint64(2)).astype(np.int64)
 
 
+# Length of the endless procedural stream: item i of ShapeEditDataset(ENDLESS) is the clip of seed i.
+ENDLESS = 2**62
+
+
 class ClipSeeds(Sampler):
     """Endless procedural clip seeds of one process: `example_seeds` of its batches from
     `start_batch` on (disjoint between runs, stages, processes and batches)."""
@@ -162,23 +166,8 @@ class ClipSeeds(Sampler):
             batch_index += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
-        return 2**62
+        return ENDLESS
 
-
-class ProceduralClips(Dataset):
-    """ShapeEdit `train` clips keyed by their seed (the sampler hands out seeds, not positions)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def __getitem__(self, seed: int) -> dict:
-        from ..data.shapes import generate_example
-        from ..data.shards import example_to_tensors
-
-        return example_to_tensors(generate_example(int(seed), "train", config=self.config))
-
-    def __len__(self) -> int:
-        return 2**62
 
 
 def video_batch_to_model(videos: torch.Tensor, device) -> torch.Tensor:
@@ -216,8 +205,10 @@ def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: i
             yield {"source": clips.source, "target": clips.target, "instruction": clips.instructions}
         return
     if data.source == "procedural":
+        from ..data.shards import ShapeEditDataset
+
         sampler = ClipSeeds(seed, stage, rank, world, batch_size, consumed // batch_size)
-        yield from DataLoader(ProceduralClips(shape_config), sampler=sampler,
+        yield from DataLoader(ShapeEditDataset(ENDLESS, "train", config=shape_config), sampler=sampler,
                               persistent_workers=data.num_workers > 0, **common)
         return
 

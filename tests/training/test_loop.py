@@ -311,3 +311,63 @@ def test_two_processes_of_batch_1_make_the_step_of_one_process_of_batch_2(tmp_pa
         moved[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
     error = (moved["ddp"] - moved["single"]).abs().max() / moved["single"].abs().max()
     assert error < 1e-3, error
+
+
+def test_step_attention_mode_is_a_fixed_share_of_steps_the_same_on_every_run():
+    from liveditor.training.loop import step_attention_mode
+
+    config = load_config(None, TINY + ["train.dense_fraction=0.25"])
+    modes = [step_attention_mode(config, 0, step) for step in range(4000)]
+    assert set(modes) == {"isa", "dense"}
+    share = modes.count("dense") / len(modes)
+    assert abs(share - 0.25) < 3 * math.sqrt(0.25 * 0.75 / len(modes)), share
+    assert modes == [step_attention_mode(config, 0, step) for step in range(4000)]  # what a resume recomputes
+    assert modes != [step_attention_mode(config, 1, step) for step in range(4000)]  # a new stage, new draws
+    assert {step_attention_mode(load_config(None, TINY), 0, s) for s in range(100)} == {"isa"}
+    dense_model = load_config(None, TINY + ['model.attention="dense"', "train.dense_fraction=0.5"])
+    assert {step_attention_mode(dense_model, 0, s) for s in range(100)} == {"dense"}
+    with pytest.raises(LIVEditorError, match="train.dense_fraction must be in"):
+        load_config(None, TINY + ["train.dense_fraction=1.5"])
+
+
+def test_dense_steps_of_an_isa_model_train_what_a_dense_model_trains(tmp_path):
+    def weights(name, *extra):
+        result = train(tiny_config(tmp_path / name, "train.max_steps=2", *extra), progress=False, export=False)
+        assert result.steps == 2
+        return load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
+
+    all_dense_steps = weights("isa_dense_steps", "train.dense_fraction=1.0")
+    dense_model = weights("dense", 'model.attention="dense"')
+    isa_model = weights("isa")
+    assert all_dense_steps.keys() == dense_model.keys()
+    for key in dense_model:
+        torch.testing.assert_close(all_dense_steps[key], dense_model[key], rtol=0, atol=0, msg=key)
+    # Control: ISA steps train something else, so the equality above is the mode's doing.
+    assert any(not torch.equal(isa_model[k], dense_model[k]) for k in dense_model)
+
+
+CLOCK_WORKER = """
+import sys, torch.distributed as dist
+from liveditor.training.loop import AgreedClock
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+clock = AgreedClock(2, train_time_s=10.0)
+for step_s in ([0.5, 0.25] if rank == 0 else [0.125, 1.0]):  # each process measures other step times
+    clock.advance(step_s, session_s=3.0 + rank)
+    print("clock", clock.train_time_s, clock.session_s, flush=True)
+"""
+
+
+def test_processes_agree_on_training_time_so_time_limits_stop_them_at_the_same_step(tmp_path):
+    # A limit read from each process's own clock stopped the processes at different steps and the
+    # first to stop left the other waiting in its next collective (seen with train.max_time_s).
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", CLOCK_WORKER, str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    lines = [[tuple(map(float, line.split()[1:])) for line in out.splitlines() if line.startswith("clock ")]
+             for out in outputs]
+    # Both see the largest clock after every step: 10 + max(0.5, 0.125), then that + max(0.25, 1.0).
+    assert lines[0] == lines[1] == [(10.5, 4.0), (11.5, 4.0)], outputs

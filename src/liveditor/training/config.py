@@ -111,6 +111,9 @@ class TrainSection:
     #                                and target (dilated by edit_dilation pixels) counts 1 + this much
     edit_dilation: int = 2
     compile: bool = False  # torch.compile each transformer block (regional; GPU training)
+    dense_fraction: float = 0.0  # with model.attention = "isa": this share of the steps (chosen by a
+    #                              hash of seed, stage and step) trains dense attention instead, so the
+    #                              weights serve both modes
     flow_shift: float = 3.0  # Wan's shifted timestep sampling: t = s*u / (1 + (s-1)*u)
     seed: int = 0
     log_every: int = 20
@@ -228,6 +231,8 @@ class TrainConfig:
             raise ConfigError(f"train.val_per_family must be >= 1, got {self.train.val_per_family}")
         if self.train.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ConfigError(f'train.mixed_precision must be "auto", "bf16", "fp16" or "no", got {self.train.mixed_precision!r}')
+        if not 0.0 <= self.train.dense_fraction <= 1.0:
+            raise ConfigError(f"train.dense_fraction must be in [0, 1], got {self.train.dense_fraction}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         for key, value in (("train.flow_shift", self.train.flow_shift), ("export.flow_shift", self.export.flow_shift),

@@ -144,6 +144,19 @@ def sample_seeds(seed: int, stage: int, indices) -> np.ndarray:
     return (out >> np.uint64(2)).astype(np.int64)
 
 
+def step_attention_mode(config: TrainConfig, stage: int, step: int) -> str:
+    """The self-attention mode of optimizer step `step`: the model's, except that with
+    `train.dense_fraction` > 0 an ISA model trains that share of its steps with dense attention
+    (exact attention plus the gated residual). A hash of (seed, stage, step), so every process
+    and a resumed run pick the same mode."""
+    fraction = config.train.dense_fraction
+    if config.model.attention == "dense" or fraction <= 0:
+        return config.model.attention
+    # sample_seeds' stream is shared with the samples; the step's draw lives far past any sample index.
+    draw = int(sample_seeds(config.train.seed, stage, [2**61 + step])[0]) / 2**62
+    return "dense" if draw < fraction else "isa"
+
+
 # Length of the endless procedural stream: item i of ShapeEditDataset(ENDLESS) is the clip of seed i.
 ENDLESS = 2**62
 
@@ -445,8 +458,9 @@ class TrainStep:
         accelerator.register_for_checkpointing(self.ema)
         self.params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
 
-    def loss(self, batch: dict, seeds) -> torch.Tensor:
-        """The flow-matching loss of one micro-batch; `seeds`: one sample seed per clip."""
+    def loss(self, batch: dict, seeds, mode: str | None = None) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch; `seeds`: one sample seed per clip; `mode`:
+        the self-attention mode of this step (None: the model's)."""
         config, device = self.config, self.accelerator.device
         source_u8 = batch["source"].to(device, non_blocking=True)
         target_u8 = batch["target"].to(device, non_blocking=True)
@@ -456,22 +470,24 @@ class TrainStep:
         draw = sample_randomness(seeds, list(batch["instruction"]), x0.shape[1:], config, device)
         text = encode_instructions(self.tokenizer, self.text_encoder, draw.prompts, config.text.max_length)
         x_t, velocity = flow_matching_pair(x0, draw.noise, draw.sigmas)
-        prediction = self.transformer(x_t, draw.sigmas * NUM_TRAIN_TIMESTEPS, text, context, return_dict=False)[0]
+        attention_kwargs = {"mode": mode} if mode is not None else None
+        prediction = self.transformer(x_t, draw.sigmas * NUM_TRAIN_TIMESTEPS, text, context,
+                                      attention_kwargs=attention_kwargs, return_dict=False)[0]
         if config.train.edit_loss_weight > 0:
             weights = edit_region_weights(source_u8, target_u8, config)
             return torch.mean(weights * (prediction.float() - velocity.float()) ** 2)
         return flow_matching_loss(prediction, velocity)
 
-    def __call__(self, micro_batches: list[tuple[dict, np.ndarray]], lr: float) -> torch.Tensor:
-        """One optimizer step over `micro_batches` [(batch, sample seeds)]; returns the summed
-        micro-batch losses (a device tensor)."""
+    def __call__(self, micro_batches: list[tuple[dict, np.ndarray]], lr: float, mode: str | None = None) -> torch.Tensor:
+        """One optimizer step over `micro_batches` [(batch, sample seeds)] with self-attention
+        `mode` (None: the model's); returns the summed micro-batch losses (a device tensor)."""
         accelerator = self.accelerator
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = None
         for batch, seeds in micro_batches:
             with accelerator.accumulate(self.transformer, self.text_encoder):
-                loss = self.loss(batch, seeds)
+                loss = self.loss(batch, seeds, mode)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.config.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(self.params, self.config.optim.grad_clip)
@@ -485,6 +501,32 @@ class TrainStep:
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+class AgreedClock:
+    """Training time and session time that every process agrees on.
+
+    Each process measures its own. Time limits or a time-based learning rate read from each
+    process's own clock would stop the processes at different steps (the others then wait forever
+    in the next collective) and give them different learning rates. After every step the processes
+    exchange their clocks over a CPU (gloo) group, which needs no GPU synchronisation, and all keep
+    the largest."""
+
+    def __init__(self, processes: int, train_time_s: float):
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo") if processes > 1 else None
+        self.train_time_s = train_time_s
+        self.session_s = 0.0
+
+    def advance(self, step_s: float, session_s: float) -> None:
+        """Add one step's time (this process's) and set the session time, then agree."""
+        values = torch.tensor([self.train_time_s + step_s, session_s], dtype=torch.float64)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        self.train_time_s, self.session_s = values.tolist()
 
 
 def _param_groups(modules, weight_decay: float):
@@ -600,17 +642,21 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         with open(log_path, "a") as log:
             log.write(json.dumps({"event": "start", "step": step, **run_info, "config": config.to_dict()}) + "\n")
 
+    clock = AgreedClock(world, elapsed)
+    clock.advance(0.0, time.perf_counter() - session_start)
+
     def keep_going() -> bool:
-        if t_cfg.max_time_s > 0 and elapsed >= t_cfg.max_time_s:
+        if t_cfg.max_time_s > 0 and clock.train_time_s >= t_cfg.max_time_s:
             return False
-        return not (t_cfg.session_time_s > 0 and time.perf_counter() - session_start >= t_cfg.session_time_s)
+        return not (t_cfg.session_time_s > 0 and clock.session_s >= t_cfg.session_time_s)
 
     def stage_summary() -> dict:
         return {**run_info, "steps": step - start_step, "global_step": step,
                 "samples": (step - start_step) * samples_per_step, "train_time_s": round(elapsed, 1),
                 "last_loss": last_loss, "clips_per_s": round((step - start_step) * samples_per_step / max(elapsed, 1e-9), 2),
                 "batch_size": samples_per_step, "init_from": t_cfg.init_from or None, "schedule": t_cfg.schedule,
-                "ema_decay": t_cfg.ema_decay, "edit_loss_weight": t_cfg.edit_loss_weight, "lr": config.optim.lr,
+                "ema_decay": t_cfg.ema_decay, "edit_loss_weight": t_cfg.edit_loss_weight,
+                "dense_fraction": t_cfg.dense_fraction, "lr": config.optim.lr,
                 "validation": val_history[-1] if val_history else None}
 
     def trainer_state() -> dict:
@@ -642,11 +688,12 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                 seeds = sample_seeds(t_cfg.seed, stage, range(first, first + t_cfg.batch_size))
                 micro_batches.append((batch, seeds))
             lr = learning_rate(config, step, elapsed)
-            loss_sum += step_fn(micro_batches, lr)
+            loss_sum += step_fn(micro_batches, lr, step_attention_mode(config, stage, step))
             loss_count += t_cfg.grad_accum_steps
             consumed += per_process_step
             step += 1
-            elapsed += time.perf_counter() - step_start
+            clock.advance(time.perf_counter() - step_start, time.perf_counter() - session_start)
+            elapsed = clock.train_time_s
             window_samples += samples_per_step
             bar.update(1)
 

@@ -211,10 +211,12 @@ def enable_offload(pipe, mode, device) -> None:
     elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
-        pipe.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=device.type == "cuda",
-        )
+        pipe.enable_group_offload(**group_offload_kwargs(device))
+
+
+def group_offload_kwargs(device) -> dict:
+    """diffusers' group-offloading settings of mode "group": one block per group, weights pinned in
+    CPU memory, the next group copied on a side stream while the current one runs (CUDA only)."""
+    device = torch.device(device)
+    return dict(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                num_blocks_per_group=1, use_stream=device.type == "cuda")

@@ -30,6 +30,7 @@ import math
 import platform
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -252,19 +253,39 @@ def run_cells(args, cells, device, dtype):
               + (f", compile {row['compile_seconds']:.1f} s" if row.get("compile_seconds") is not None else "")
               + f", finite output: {row['output_finite']}", flush=True)
 
-    if "dense" in cells:
+    failed = {}
+
+    def attempt(cell, run):
+        """Run one cell; a failure is recorded in one line and the run goes on with the next cell."""
+        missing = [c for c in CELL_NEEDS.get(cell, ()) if c not in rows]
+        if missing:
+            failed[cell] = f"not run: {', '.join(missing)} did not complete"
+        else:
+            try:
+                run()
+                return
+            except Exception as exc:  # noqa: BLE001 (one cell's failure must not cost the others)
+                traceback.print_exc()
+                failed[cell] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        print(f"{cell}: FAILED: {failed[cell]}", flush=True)
+
+    def dense_cell():
         best_sdpa = "math"
         if device.type == "cuda":
-            best_sdpa, sdpa_times, _ = fastest_sdpa_backend(
+            best_sdpa, _, _ = fastest_sdpa_backend(
                 cfg.num_attention_heads, 2 * tokens_per_segment, cfg.attention_head_dim, dtype, device)
             extra["dense_sdpa_backend"] = best_sdpa
         model.set_attention_mode("dense")
-        with sdpa_kernel([SDPA_BACKENDS[best_sdpa]]):
-            row, prediction = measure_cell(step, device, args.warmup, steps)
+        try:
+            with sdpa_kernel([SDPA_BACKENDS[best_sdpa]]):
+                row, prediction = measure_cell(step, device, args.warmup, steps)
+        finally:
+            model.set_attention_mode("isa")
         record("dense", row, prediction)
 
-    model.set_attention_mode("isa")
-    if "isa" in cells:
+    def isa_cell():
         def sample_fp8_inputs(run):
             with LinearSampler(model, fp8_linear_names(model), rows=args.fp8_rows, seed=args.seed) as s:
                 run()
@@ -275,16 +296,8 @@ def run_cells(args, cells, device, dtype):
         row, prediction = measure_cell(step, device, max(args.warmup, 1 if wrap else 0), steps, before_first=wrap)
         record("isa", row, prediction)
 
-    cpu_copy = None
-    if "isa+group-offload" in cells and "isa+compile+fp8" in cells:
-        begin = time.perf_counter()
-        cpu_copy = copy_to_cpu(model)
-        extra["copy_to_cpu_seconds"] = time.perf_counter() - begin
-        print(f"weights copied to the CPU for the group-offload cell in {extra['copy_to_cpu_seconds']:.1f} s", flush=True)
-
-    for cell in ("isa+compile", "isa+compile+fp8"):
-        if cell not in cells:
-            continue
+    def compiled_cell(cell):
+        nonlocal sampler, fp8_report
         if cell == "isa+compile":
             compile_transformer(model)
         else:
@@ -299,21 +312,18 @@ def run_cells(args, cells, device, dtype):
         reference = "isa+compile" if cell == "isa+compile+fp8" else "isa"
         if reference in outputs:
             row[f"error_vs_{reference}"] = relative_l2(prediction.float().cpu(), outputs[reference])
+        if fp8_report is not None:
+            fp8_report.output = row.get("error_vs_isa+compile")
         record(cell, row, prediction)
-    if fp8_report is not None:
-        fp8_report.output = rows["isa+compile+fp8"]["error_vs_isa+compile"]
-        print(fp8_report.summary(), flush=True)
 
-    if "isa+group-offload" in cells:
-        if cpu_copy is None:
-            begin = time.perf_counter()
-            cpu_copy = copy_to_cpu(model)
-            extra["copy_to_cpu_seconds"] = time.perf_counter() - begin
-        # Only the offloaded copy may hold GPU memory during this cell.
-        del model, step
-        gc.collect()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+    def copy_weights():
+        nonlocal cpu_copy
+        begin = time.perf_counter()
+        cpu_copy = copy_to_cpu(model)
+        extra["copy_to_cpu_seconds"] = time.perf_counter() - begin
+        print(f"weights copied to the CPU for the group-offload cell in {extra['copy_to_cpu_seconds']:.1f} s", flush=True)
+
+    def group_offload_cell():
         extra["resident_gib_before_offload"] = torch.cuda.memory_allocated(device) / 2**30
         begin = time.perf_counter()
         cpu_copy.enable_group_offload(**group_offload_kwargs(device))
@@ -324,6 +334,26 @@ def run_cells(args, cells, device, dtype):
         if "isa" in outputs:
             row["error_vs_isa"] = relative_l2(prediction.float().cpu(), outputs["isa"])
         record("isa+group-offload", row, prediction)
+
+    cpu_copy = None
+    if "dense" in cells:
+        attempt("dense", dense_cell)
+    if "isa" in cells:
+        attempt("isa", isa_cell)
+    if "isa+group-offload" in cells:  # before FP8 replaces the bf16 weights
+        attempt("isa+group-offload", copy_weights)
+    for cell in ("isa+compile", "isa+compile+fp8"):
+        if cell in cells:
+            attempt(cell, lambda: compiled_cell(cell))
+    if fp8_report is not None:
+        print(fp8_report.summary(), flush=True)
+    if "isa+group-offload" in cells and cpu_copy is not None:
+        # Only the offloaded copy may hold GPU memory during this cell.
+        del model, step
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        attempt("isa+group-offload", group_offload_cell)
 
     for row in rows.values():
         for base in ("dense", "isa"):
@@ -344,6 +374,7 @@ def run_cells(args, cells, device, dtype):
         isa_config=isa_config,
         model_build_seconds=build_seconds,
         skipped=skipped,
+        failed=failed,
         **extra,
         rows=list(rows.values()),
         fp8_error=fp8_report.to_dict() if fp8_report is not None else None,
@@ -370,6 +401,8 @@ def run_cells(args, cells, device, dtype):
         print(fp8_report.summary())
     for cell, reason in skipped.items():
         print(f"{cell}: skipped ({reason})")
+    for cell, reason in failed.items():
+        print(f"{cell}: FAILED ({reason})")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

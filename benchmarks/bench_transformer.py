@@ -200,16 +200,26 @@ def measure_cell(step, device, warmup, steps, before_first=None):
 
 
 def copy_to_cpu(model):
-    """A CPU copy of `model` (parameters and all buffers), built without initialising weights:
-    the group-offload cell's weights, taken before FP8 replaces the bf16 ones."""
+    """A CPU copy of `model` (parameters and all buffers, dtypes kept), built without initialising
+    weights: the group-offload cell's weights, taken before FP8 replaces the bf16 ones. From a GPU
+    the copy lands in pinned memory, which group offloading then uses as it is."""
     with torch.device("meta"):
         copy = LIVEditorTransformer3DModel.from_config(model.config)
-    copy = copy.to_empty(device="cpu").eval().requires_grad_(False)
-    source = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    modules = dict(copy.named_modules())
     with torch.no_grad():
-        for name, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
-            tensor.copy_(source[name])
-    return copy
+        for name, source in [*model.named_parameters(), *model.named_buffers()]:
+            owner, _, attr = name.rpartition(".")
+            module = modules[owner]
+            value = torch.empty_like(source, device="cpu", pin_memory=source.is_cuda)
+            value.copy_(source)
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+    left = [name for name, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"copy_to_cpu left tensors on the meta device: {left[:3]}")
+    return copy.eval()
 
 
 def run_cells(args, cells, device, dtype):

@@ -199,25 +199,54 @@ def _frames(seed):
     return g.integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("seed", [0, 5])
-def test_group_offload_hooks_every_block_and_keeps_the_output(seed):
+def _group_hooked(module) -> bool:
     from diffusers.hooks import HookRegistry
 
-    video = _frames(seed)
+    return HookRegistry.check_if_exists_or_initialize(module).get_hook("group_offloading") is not None
+
+
+def _edit(pipe, seed):
+    return pipe(_frames(seed), "make it red", num_inference_steps=2, guidance_scale=2.0, seed=seed).frames
+
+
+@pytest.mark.parametrize("mode,seed", [("group", 0), ("group", 5), ("model", 1), ("sequential", 2)])
+def test_offload_modes_hook_the_components_and_keep_the_output(mode, seed):
+    """Every mode applies its hooks and leaves the edit unchanged, here with the CPU as the onload
+    device (no streams). Sequential offload's output is compared on a GPU only: with the CPU as
+    execution device, accelerate turns the umT5 encoder's tied embedding into a plain tensor and
+    fails on it."""
     plain = tiny_pipeline(seed=seed)
     plain.set_progress_bar_config(disable=True)
-    expected = plain(video, "make it red", num_inference_steps=2, guidance_scale=2.0, seed=seed).frames
+    expected = _edit(plain, seed)
 
     pipe = tiny_pipeline(seed=seed)
     pipe.set_progress_bar_config(disable=True)
-    enable_offload(pipe, "group", "cpu")
-    for block in pipe.transformer.blocks:
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        assert registry.get_hook("group_offloading") is not None, seed
-    for component in (pipe.text_encoder, pipe.vae):
-        hooked = [m for m in component.modules()
-                  if HookRegistry.check_if_exists_or_initialize(m).get_hook("group_offloading") is not None]
-        assert hooked, (seed, type(component).__name__)
-    assert pipe._execution_device == torch.device("cpu")
-    out = pipe(video, "make it red", num_inference_steps=2, guidance_scale=2.0, seed=seed).frames
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6, err_msg=f"seed {seed}")
+    enable_offload(pipe, mode, "cpu")
+    if mode == "group":
+        assert all(_group_hooked(block) for block in pipe.transformer.blocks), seed
+        for component in (pipe.text_encoder, pipe.vae):
+            assert any(_group_hooked(m) for m in component.modules()), (seed, type(component).__name__)
+    elif mode == "model":  # one hook per component, chained text encoder -> transformer -> VAE
+        for component in (pipe.text_encoder, pipe.transformer, pipe.vae):
+            assert type(component._hf_hook).__name__ == "CpuOffload", seed
+        assert not any(_group_hooked(m) for m in pipe.transformer.modules())
+    else:  # a hook on every leaf that holds weights
+        assert hasattr(pipe.transformer.blocks[0].attn1.to_q, "_hf_hook"), seed
+        assert hasattr(pipe.transformer.blocks[-1].ffn.net[2], "_hf_hook"), seed
+    assert pipe._execution_device.type == "cpu"
+    if mode != "sequential":
+        np.testing.assert_allclose(_edit(pipe, seed), expected, rtol=0, atol=1e-6, err_msg=f"{mode}, seed {seed}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["model", "group", "sequential"])
+def test_offload_modes_on_the_gpu_keep_the_output(mode):
+    seed = 3
+    plain = tiny_pipeline(seed=seed).to("cuda")
+    plain.set_progress_bar_config(disable=True)
+    expected = _edit(plain, seed)
+    pipe = tiny_pipeline(seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    enable_offload(pipe, mode, "cuda")
+    assert pipe._execution_device.type == "cuda"
+    np.testing.assert_allclose(_edit(pipe, seed), expected, rtol=0, atol=1e-5, err_msg=mode)

@@ -136,7 +136,7 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--offload", nargs="?", const="model", default=None, choices=("model", "group", "sequential"),
                    help="keep weights in CPU memory, with VAE tiling: model (bare --offload: each component on the "
-                   "GPU while it runs), group (one block at a time, copies overlapped with compute: 14B under 24 GB) "
+                   "GPU while it runs), group (one block at a time, copies overlapped with compute) "
                    "or sequential (least memory, slowest)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (faster steps; the first step compiles)")

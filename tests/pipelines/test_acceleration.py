@@ -250,3 +250,32 @@ def test_offload_modes_on_the_gpu_keep_the_output(mode):
     enable_offload(pipe, mode, "cuda")
     assert pipe._execution_device.type == "cuda"
     np.testing.assert_allclose(_edit(pipe, seed), expected, rtol=0, atol=1e-5, err_msg=mode)
+
+
+# ----- command line --------------------------------------------------------------------------
+
+
+def test_cli_edit_with_compile_writes_the_video_of_the_uncompiled_edit(tmp_path, capsys, monkeypatch):
+    """`edit --compile` runs compiled blocks end to end (the attention timer, which would break the
+    graph, is off) and gives the uncompiled edit. Traced with aot_eager (fullgraph as always) to
+    stay quick; inductor's code generation is the benchmark's part."""
+    import liveditor.pipelines.acceleration as acceleration
+    from liveditor.cli import main as cli_main
+    from liveditor.data.video_io import read_video, write_video
+
+    compile_blocks = acceleration.compile_transformer
+    monkeypatch.setattr(acceleration, "compile_transformer", lambda t: compile_blocks(t, backend="aot_eager"))
+
+    model = tmp_path / "tiny"
+    tiny_pipeline(seed=0).save_pretrained(model)
+    video = write_video(tmp_path / "in.mp4", _frames(4)[:, :48, :48], fps=16)
+    args = [video, "make the ball blue", "--model", model, "--steps", "2", "--seed", "3", "--device", "cpu"]
+    torch._dynamo.reset()
+    assert cli_main(["edit", *map(str, args), "-o", str(tmp_path / "eager.mp4")]) == 0
+    assert "% of the edit" in capsys.readouterr().out
+    assert cli_main(["edit", *map(str, args), "-o", str(tmp_path / "compiled.mp4"), "--compile"]) == 0
+    assert "attention (isa) time not measured (compiled blocks)" in capsys.readouterr().out
+    eager, compiled = read_video(tmp_path / "eager.mp4").frames, read_video(tmp_path / "compiled.mp4").frames
+    assert eager.shape == compiled.shape
+    assert np.abs(eager.astype(int) - compiled.astype(int)).mean() < 1.0  # rounding, through the H.264 codec
+    torch._dynamo.reset()

@@ -47,11 +47,13 @@ class EditReport:
     seed: int
     load_seconds: float
     edit_seconds: float
-    attention_seconds: float
+    attention_seconds: float | None  # None: not measured (compiled blocks)
     attention_mode: str
 
     @property
-    def attention_share(self) -> float:
+    def attention_share(self) -> float | None:
+        if self.attention_seconds is None:
+            return None
         return self.attention_seconds / self.edit_seconds if self.edit_seconds > 0 else 0.0
 
     @property
@@ -69,7 +71,8 @@ class EditReport:
             f"{self.fit}; {windows}; audio {'copied' if self.audio_copied else 'none'}; seed {self.seed}\n"
             f"total {self.load_seconds + self.edit_seconds:.2f} s (load {self.load_seconds:.2f} s, "
             f"edit {self.edit_seconds:.2f} s); attention ({self.attention_mode}) "
-            f"{self.attention_seconds:.2f} s = {100 * self.attention_share:.1f}% of the edit"
+            + (f"{self.attention_seconds:.2f} s = {100 * self.attention_share:.1f}% of the edit"
+               if self.attention_seconds is not None else "time not measured (compiled blocks)")
         )
 
 
@@ -254,7 +257,8 @@ def run_edit(
     if attention is not None:
         transformer.set_attention_mode(attention)
     timer = transformer.attention_timer
-    timer.enabled = True
+    # Timing synchronises the GPU around each attention call, which a compiled block cannot hold.
+    timer.enabled = not compile
     timer.reset()
 
     fps = float(pipe.config.fps)
@@ -317,7 +321,7 @@ def run_edit(
         seed=seed,
         load_seconds=load_seconds,
         edit_seconds=edit_seconds,
-        attention_seconds=timer.seconds,
+        attention_seconds=None if compile else timer.seconds,
         attention_mode=transformer.attention_mode,
     )
     if print_summary:

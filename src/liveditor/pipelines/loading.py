@@ -125,9 +125,8 @@ def load_pipeline(
     """
     import torch
 
-    from .pipeline_liveditor import LIVEditorPipeline
-
     from .acceleration import check_fp8_device, compile_transformer, enable_fp8, enable_offload
+    from .pipeline_liveditor import LIVEditorPipeline
 
     path = check_pipeline_folder(path)
     device = resolve_device(device)

@@ -43,8 +43,7 @@ def _inputs(seed, frames=3, size=8, text=5):
 # ----- compile -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["isa", "dense", "isa-triton"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mode,seed", [("isa", 0), ("isa", 1), ("dense", 2), ("isa-triton", 3)])
 def test_regional_compile_has_no_graph_break_and_one_graph_for_all_blocks(mode, seed, monkeypatch):
     from torch._dynamo.utils import counters
 
@@ -209,7 +208,7 @@ def _edit(pipe, seed):
     return pipe(_frames(seed), "make it red", num_inference_steps=2, guidance_scale=2.0, seed=seed).frames
 
 
-@pytest.mark.parametrize("mode,seed", [("group", 0), ("group", 5), ("model", 1), ("sequential", 2)])
+@pytest.mark.parametrize("mode,seed", [("group", 0), ("model", 1), ("sequential", 2)])
 def test_offload_modes_hook_the_components_and_keep_the_output(mode, seed):
     """Every mode applies its hooks and leaves the edit unchanged, here with the CPU as the onload
     device (no streams). Sequential offload's output is compared on a GPU only: with the CPU as

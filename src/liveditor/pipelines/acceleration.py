@@ -95,8 +95,8 @@ def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 class LinearSampler:
     """Forward hooks that keep `rows` randomly chosen rows (tokens) of the input and output of each
-    named linear, at its first call inside the `with` block: the same inputs on which a converted
-    layer is compared later (`linear_errors`). Use on an eager (not yet compiled) model."""
+    named linear, at its first call inside the `with` block, in CPU memory: the same inputs on which
+    a converted layer is compared later (`linear_errors`). Use on an eager (not yet compiled) model."""
 
     def __init__(self, model: nn.Module, names: list[str], rows: int = 256, seed: int = 0):
         if rows < 1:
@@ -118,7 +118,8 @@ class LinearSampler:
             inputs = args[0].reshape(-1, args[0].shape[-1])
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
             index = torch.randperm(inputs.shape[0], generator=generator)[: self.rows].to(inputs.device)
-            self.samples[name] = (inputs[index].detach().clone(), output.reshape(-1, output.shape[-1])[index].detach().clone())
+            # Kept in CPU memory, so that later peak-memory measurements do not count them.
+            self.samples[name] = (inputs[index].detach().cpu(), output.reshape(-1, output.shape[-1])[index].detach().cpu())
 
         return keep
 
@@ -137,7 +138,11 @@ def linear_errors(model: nn.Module, samples: dict[str, tuple[torch.Tensor, torch
     """Relative L2 error of each sampled linear's present output against its recorded output, on
     the recorded input (`LinearSampler.samples`)."""
     modules = dict(model.named_modules())
-    return {name: relative_l2(modules[name](inputs), outputs) for name, (inputs, outputs) in samples.items()}
+    errors = {}
+    for name, (inputs, outputs) in samples.items():
+        module = modules[name]
+        errors[name] = relative_l2(module(inputs.to(module.weight.device)).cpu(), outputs)
+    return errors
 
 
 @dataclass

@@ -210,7 +210,7 @@ def copy_to_cpu(model):
         for name, source in [*model.named_parameters(), *model.named_buffers()]:
             owner, _, attr = name.rpartition(".")
             module = modules[owner]
-            value = torch.empty_like(source, device="cpu", pin_memory=source.is_cuda)
+            value = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=source.is_cuda)
             value.copy_(source)
             if attr in module._parameters:
                 module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)

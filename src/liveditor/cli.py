@@ -139,7 +139,8 @@ def _add_edit(subparsers) -> None:
                    "GPU while it runs), group (one block at a time, copies overlapped with compute) "
                    "or sequential (least memory, slowest)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (faster steps; the first step compiles)")
+                   help="torch.compile the transformer blocks (faster steps; the first step compiles; not with "
+                   "--offload group or sequential)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 linear layers in the transformer blocks (faster, small error; needs torchao and a GPU of "
                    "compute capability 8.9+; not with --offload)")

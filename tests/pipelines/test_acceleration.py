@@ -53,17 +53,20 @@ def test_regional_compile_has_no_graph_break_and_one_graph_for_all_blocks(mode, 
 
         resolve = isa_api.resolve_backend
         monkeypatch.setattr(isa_api, "resolve_backend", lambda backend, q, config: resolve("triton", q, config))
+    import liveditor.isa.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_fallbacks_logged", set())  # a fresh process: nothing logged yet
     model = _tiny_model(seed, attention=mode.removesuffix("-triton"))
     inputs = _inputs(seed, size=16 if mode == "isa-triton" else 8)
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
-        reference = model(*inputs, return_dict=False)[0]
         # fullgraph=True raises on any graph break; aot_eager traces through AOTAutograd (fake
         # kernels included) without inductor's code generation, in seconds.
         compile_transformer(model, backend="aot_eager")
         compiled = model(*inputs, return_dict=False)[0]
         again = model(*inputs, return_dict=False)[0]
+        reference = _tiny_model(seed, attention=mode.removesuffix("-triton"))(*inputs, return_dict=False)[0]
     assert counters["stats"]["unique_graphs"] == 1, (seed, dict(counters["stats"]))  # 3 blocks, one graph
     torch.testing.assert_close(compiled, reference, msg=f"seed {seed}")
     torch.testing.assert_close(again, reference, msg=f"seed {seed}")
@@ -188,6 +191,11 @@ def test_cli_offload_flag_bare_means_model():
 def test_offload_and_fp8_on_the_cpu_are_one_line_errors():
     with pytest.raises(LIVEditorError, match="--offload needs a CUDA device"):
         load_pipeline(device="cpu", offload="group")
+    for mode in ("group", "sequential"):  # their hooks would run the blocks outside the compiled graph
+        with pytest.raises(LIVEditorError, match=f"--compile cannot be combined with --offload {mode}"):
+            load_pipeline(device="cpu", offload=mode, compile=True)
+    with pytest.raises(LIVEditorError, match="--fp8 cannot be combined with --offload"):
+        load_pipeline(device="cpu", offload="model", fp8=True)
     if not torch.cuda.is_available():
         with pytest.raises(LIVEditorError, match="--fp8 needs a CUDA GPU"):
             load_pipeline(device="cpu", fp8=True)

@@ -131,11 +131,14 @@ def load_pipeline(
     path = check_pipeline_folder(path)
     device = resolve_device(device)
     offload = parse_offload(offload)
+    if compile and offload in ("group", "sequential"):
+        # Their hooks wrap each block's forward in compiler-disabled code: nothing would compile.
+        raise LIVEditorError(f"--compile cannot be combined with --offload {offload}")
+    if fp8 and offload:  # converted weights under offloading hooks: not supported (nor measured)
+        raise LIVEditorError("--fp8 cannot be combined with --offload")
     if offload and device.type != "cuda":
         raise LIVEditorError("--offload needs a CUDA device")
     if fp8:
-        if offload:  # converted weights under offloading hooks: not supported (nor measured)
-            raise LIVEditorError("--fp8 cannot be combined with --offload")
         require("torchao")
         check_fp8_device(device)
     if dtype is None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from liveditor.errors import LIVEditorError
+from liveditor.errors import LIVEditorError, require
 from liveditor.isa import ISAConfig, isa_attention
 from liveditor.models import LIVEditorTransformer3DModel
 from liveditor.pipelines.acceleration import (
@@ -166,6 +166,7 @@ def cells_unavailable(cells, device) -> dict:
         skipped["isa+group-offload"] = "needs CUDA (streams weights from CPU memory to the GPU)"
     if "isa+compile+fp8" in cells:
         try:
+            require("torchao")
             check_fp8_device(device)
         except LIVEditorError as exc:
             skipped["isa+compile+fp8"] = str(exc)

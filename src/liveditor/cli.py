@@ -134,7 +134,16 @@ def _add_edit(subparsers) -> None:
                    "padding (the bars are removed from the output)")
     p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: the release's, Wan's)")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--offload", action="store_true", help="model CPU offload and VAE tiling (for 14B on one GPU)")
+    p.add_argument("--offload", nargs="?", const="model", default=None, choices=("model", "group", "sequential"),
+                   help="keep weights in CPU memory, with VAE tiling: model (bare --offload: each component on the "
+                   "GPU while it runs), group (one block at a time, copies overlapped with compute) "
+                   "or sequential (least memory, slowest)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (faster steps; the first step compiles; not with "
+                   "--offload group or sequential)")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 linear layers in the transformer blocks (faster, small error; needs torchao and a GPU of "
+                   "compute capability 8.9+; not with --offload)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="also draw what ISA does on this edit (middle layer, middle step; ISA attention even where "
@@ -164,6 +173,8 @@ def _add_edit(subparsers) -> None:
             negative_prompt=args.negative_prompt,
             device=args.device,
             offload=args.offload,
+            compile=args.compile,
+            fp8=args.fp8,
             overwrite=args.overwrite,
         )
         if args.explain:

@@ -36,6 +36,7 @@ OPTIONAL_DEPENDENCIES = {
     "tomli": "editor",
     "ftfy": "editor",
     "triton": "triton",
+    "torchao": "fp8",
     "gradio": "web",
 }
 

@@ -24,6 +24,8 @@ _fallbacks_logged: set[str] = set()
 
 
 def _log_fallback_once(reason: str, q: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # a log call breaks a compiled graph (fullgraph: an error)
+        return
     if reason not in _fallbacks_logged:
         _fallbacks_logged.add(reason)
         level = logging.WARNING if q.is_cuda else logging.INFO

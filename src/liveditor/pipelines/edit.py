@@ -47,11 +47,13 @@ class EditReport:
     seed: int
     load_seconds: float
     edit_seconds: float
-    attention_seconds: float
+    attention_seconds: float | None  # None: not measured (compiled blocks)
     attention_mode: str
 
     @property
-    def attention_share(self) -> float:
+    def attention_share(self) -> float | None:
+        if self.attention_seconds is None:
+            return None
         return self.attention_seconds / self.edit_seconds if self.edit_seconds > 0 else 0.0
 
     @property
@@ -69,7 +71,8 @@ class EditReport:
             f"{self.fit}; {windows}; audio {'copied' if self.audio_copied else 'none'}; seed {self.seed}\n"
             f"total {self.load_seconds + self.edit_seconds:.2f} s (load {self.load_seconds:.2f} s, "
             f"edit {self.edit_seconds:.2f} s); attention ({self.attention_mode}) "
-            f"{self.attention_seconds:.2f} s = {100 * self.attention_share:.1f}% of the edit"
+            + (f"{self.attention_seconds:.2f} s = {100 * self.attention_share:.1f}% of the edit"
+               if self.attention_seconds is not None else "time not measured (compiled blocks)")
         )
 
 
@@ -190,12 +193,14 @@ def run_edit(
     seed: int = 42,
     negative_prompt: str | None = None,
     device: str | None = None,
-    offload: bool = False,
+    offload: bool | str | None = None,
     overwrite: bool = False,
     window: int | None = None,
     start: float = 0.0,
     duration: float | None = None,
     resize: str = "crop",
+    compile: bool = False,
+    fp8: bool = False,
     print_summary: bool = True,
     callback_on_step_end=None,
 ) -> EditReport:
@@ -204,11 +209,12 @@ def run_edit(
     Every bad input fails with a one-line LIVEditorError before the model is loaded (and before
     torch is imported). `seed` < 0 draws a random seed (reported); `window` is the number of frames
     edited in one pass (default: the model's `max_num_frames`); `start` / `duration` (seconds) pick
-    a part of the input; `resize` is "crop" or "pad". `callback_on_step_end` is handed to the
+    a part of the input; `resize` is "crop" or "pad"; `offload` ("model", "group", "sequential";
+    True = "model"), `compile` and `fp8` as in `load_pipeline`. `callback_on_step_end` is handed to the
     pipeline for every window (diffusers' signature; `pipe._interrupt = True` stops the window).
     """
     from ..data.video_io import AudioSource, VideoWriter, check_writable_video_path, iter_video_frames, probe_video
-    from .loading import check_pipeline_folder, load_pipeline
+    from .loading import check_pipeline_folder, load_pipeline, parse_offload
 
     if not isinstance(instruction, str) or not instruction.strip():
         raise LIVEditorError("the edit instruction is empty")
@@ -223,6 +229,7 @@ def run_edit(
         raise LIVEditorError(f"seed must be an integer up to {2**63 - 1} (-1: random), got {seed!r}")
     if resize not in ("crop", "pad"):
         raise LIVEditorError(f"resize must be crop or pad, got {resize!r}")
+    offload = parse_offload(offload)
     output_path = check_writable_video_path(output_path, overwrite)
     if Path(input_path).resolve() == output_path.resolve():
         raise LIVEditorError("the output path is the input video; choose another output")
@@ -244,13 +251,14 @@ def run_edit(
 
     seed = check_seed(seed)
     begin = time.perf_counter()
-    pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=offload)
+    pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=bool(offload), compile=compile, fp8=fp8)
     load_seconds = time.perf_counter() - begin
     transformer = pipe.transformer
     if attention is not None:
         transformer.set_attention_mode(attention)
     timer = transformer.attention_timer
-    timer.enabled = True
+    # Timing synchronises the GPU around each attention call, which a compiled block cannot hold.
+    timer.enabled = not compile
     timer.reset()
 
     fps = float(pipe.config.fps)
@@ -313,7 +321,7 @@ def run_edit(
         seed=seed,
         load_seconds=load_seconds,
         edit_seconds=edit_seconds,
-        attention_seconds=timer.seconds,
+        attention_seconds=None if compile else timer.seconds,
         attention_mode=transformer.attention_mode,
     )
     if print_summary:

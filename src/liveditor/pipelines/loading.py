@@ -7,12 +7,13 @@ import json
 import warnings
 from pathlib import Path
 
-from ..errors import LIVEditorError
+from ..errors import LIVEditorError, require
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 # A component folder holds one of these (models: config.json, scheduler: scheduler_config.json,
 # tokenizer: tokenizer_config.json or tokenizer.json).
 _COMPONENT_MARKERS = ("config.json", "scheduler_config.json", "tokenizer_config.json", "tokenizer.json")
+OFFLOAD_MODES = ("model", "group", "sequential")
 
 
 def default_model_path() -> Path:
@@ -37,6 +38,18 @@ def resolve_device(device=None):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LIVEditorError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
     return device
+
+
+def parse_offload(offload) -> str | None:
+    """`offload` as one of OFFLOAD_MODES or None: False/None -> None, True -> "model" (the meaning
+    of the former boolean flag); anything else is a one-line error."""
+    if offload is None or offload is False:
+        return None
+    if offload is True:
+        return "model"
+    if offload not in OFFLOAD_MODES:
+        raise LIVEditorError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    return offload
 
 
 def check_pipeline_folder(path=None) -> Path:
@@ -92,8 +105,10 @@ def load_pipeline(
     path=None,
     device=None,
     dtype=None,
-    offload: bool = False,
+    offload: bool | str | None = None,
     vae_tiling: bool = False,
+    compile: bool = False,
+    fp8: bool = False,
 ):
     """Load a LIVEditorPipeline folder for inference.
 
@@ -102,17 +117,30 @@ def load_pipeline(
         device: where to run ("cpu", "cuda", "cuda:1"; default: CUDA when available).
         dtype: transformer and text-encoder dtype; default bfloat16 on CUDA, float32 elsewhere.
             The VAE always stays float32.
-        offload: diffusers' model CPU offload (each component moves to the GPU only while it runs).
+        offload: keep the weights in CPU memory: "model", "group" or "sequential" (True means
+            "model"); see `liveditor.pipelines.acceleration.enable_offload`.
         vae_tiling: decode/encode in tiles to cap VAE memory.
+        compile: regional torch.compile of the transformer blocks (the first step compiles).
+        fp8: FP8 linear layers in the transformer blocks (torchao; CUDA, compute capability 8.9+).
     """
     import torch
 
+    from .acceleration import check_fp8_device, compile_transformer, enable_fp8, enable_offload
     from .pipeline_liveditor import LIVEditorPipeline
 
     path = check_pipeline_folder(path)
     device = resolve_device(device)
+    offload = parse_offload(offload)
+    if compile and offload in ("group", "sequential"):
+        # Their hooks wrap each block's forward in compiler-disabled code: nothing would compile.
+        raise LIVEditorError(f"--compile cannot be combined with --offload {offload}")
+    if fp8 and offload:  # converted weights under offloading hooks: not supported (nor measured)
+        raise LIVEditorError("--fp8 cannot be combined with --offload")
     if offload and device.type != "cuda":
         raise LIVEditorError("--offload needs a CUDA device")
+    if fp8:
+        require("torchao")
+        check_fp8_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     _import_own_component_modules(path)
@@ -127,7 +155,11 @@ def load_pipeline(
     if vae_tiling:
         pipe.vae.enable_tiling()
     if offload:
-        pipe.enable_model_cpu_offload(device=device)
+        enable_offload(pipe, offload, device)
     else:
         pipe.to(device)
+    if fp8:
+        enable_fp8(pipe.transformer)
+    if compile:  # after the FP8 conversion, so that the blocks compile once, with their final weights
+        compile_transformer(pipe.transformer)
     return pipe

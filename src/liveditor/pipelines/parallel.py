@@ -83,7 +83,7 @@ class ParallelLayout:
         rank = dist.get_rank()
         ulysses_group = cfg_group = None
         # Every rank takes part in creating every group, members or not.
-        group = dist.new_group(list(ranks)) if len(ranks) != world else None
+        layout_group = dist.new_group(list(ranks)) if len(ranks) != world else None
         if ulysses_degree > 1:
             for c in range(cfg_degree):
                 members = list(ranks[c * ulysses_degree : (c + 1) * ulysses_degree])
@@ -96,7 +96,7 @@ class ParallelLayout:
                 group = dist.new_group(members)
                 if rank in members:
                     cfg_group = group
-        return ParallelLayout(cfg_degree, ulysses_degree, rank, ranks, ulysses_group, cfg_group, group)
+        return ParallelLayout(cfg_degree, ulysses_degree, rank, ranks, ulysses_group, cfg_group, layout_group)
 
     @property
     def active(self) -> bool:

@@ -175,7 +175,7 @@ def _free_port() -> int:
 
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _worker(local_rank: int, world_size: int, port: int, backend: str, fn, args, results: str):
@@ -261,11 +261,19 @@ def run_edit_parallel(gpus: int | None = None, cfg_parallel: int | None = None, 
         return _edit_rank(cfg_parallel, ulysses, edit_kwargs)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise LIVEditorError(f"--gpus must be a positive integer, got {gpus!r}")
-    return launch(_edit_rank, gpus, (cfg_parallel, ulysses, edit_kwargs))
+    backend = "gloo" if edit_kwargs.get("device") == "cpu" else None  # CPU ranks: for tests
+    return launch(_edit_rank, gpus, (cfg_parallel, ulysses, edit_kwargs), backend=backend)
 
 
 def _edit_rank(cfg_parallel, ulysses, edit_kwargs):
     from .edit import run_edit
 
-    init_distributed()
-    return run_edit(parallel=(cfg_parallel, ulysses), **edit_kwargs)
+    import torch.distributed as dist
+
+    started_here = not dist.is_initialized()  # torchrun: this process joins, runs and leaves
+    init_distributed("gloo" if edit_kwargs.get("device") == "cpu" else None)
+    try:
+        return run_edit(parallel=(cfg_parallel, ulysses), **edit_kwargs)
+    finally:
+        if started_here:
+            dist.destroy_process_group()

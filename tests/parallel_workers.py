@@ -105,32 +105,32 @@ def fail_on_rank(rank_to_fail: int):
     return "finished"
 
 
-def pipeline_edit(cfg_degree: int, ulysses: int, call: dict, device_type: str = "cpu"):
-    """The tiny test pipeline's edit of `call` on every rank under CFG x Ulysses; returns rank 0's
-    frames and timings, and the largest latent difference across ranks."""
+def pipeline_edits(layouts: list[tuple[int, int]], call: dict, device_type: str = "cpu"):
+    """The tiny test pipeline's edit of `call` on every rank under each (CFG, Ulysses) layout;
+    per layout: (rank 0's frames, rank 0's timings, largest final-latent difference across ranks)."""
     from tiny_models import tiny_pipeline
 
     from liveditor.pipelines.parallel import ParallelLayout
 
     import torch.distributed as dist
 
-    pipe = tiny_pipeline(seed=0)
-    if device_type == "cuda":
-        pipe.to(f"cuda:{torch.cuda.current_device()}")
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    pipe = tiny_pipeline(seed=0).to(device)
     pipe.set_progress_bar_config(disable=True)
-    layout = ParallelLayout.create(cfg_degree, ulysses)
-    pipe.enable_parallel(layout)
     latents = {}
 
     def keep(p, i, t, tensors):
         latents["last"] = tensors["latents"].detach().clone()
         return {}
 
-    out = pipe(**call, callback_on_step_end=keep)
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    spread = _max_rank_difference(latents["last"].cpu(), device)
-    assert (out.frames is None) == (dist.get_rank() != 0)
-    return out.frames, out.timings, spread
+    results = []
+    for cfg_degree, ulysses in layouts:
+        pipe.enable_parallel(ParallelLayout.create(cfg_degree, ulysses))
+        out = pipe(**call, callback_on_step_end=keep)
+        if (out.frames is None) != (dist.get_rank() != 0):
+            raise AssertionError(f"rank {dist.get_rank()} returned frames={type(out.frames).__name__}")
+        results.append((out.frames, out.timings, _max_rank_difference(latents["last"].cpu(), device)))
+    return results
 
 
 def edit_video_input(seed: int = 0) -> np.ndarray:

@@ -191,11 +191,9 @@ def _worker(local_rank: int, world_size: int, port: int, backend: str, fn, args,
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=local_rank, world_size=world_size)
-        try:
-            value = fn(*args)
-        finally:
-            # The last collective of the run; a failed rank skips it, and its exit ends the others.
-            dist.destroy_process_group()
+        value = fn(*args)
+        # Only after success: a failed rank first records its error, then its exit ends the others.
+        dist.destroy_process_group()
         if local_rank == 0:
             with open(folder / "result.pickle", "wb") as f:
                 pickle.dump(value, f)

@@ -1,0 +1,96 @@
+"""Several processes (gloo on CPU; NCCL on 2 GPUs in the cuda test): CFG parallel and Ulysses give
+the single-process edit; the first rank alone encodes, decodes and returns frames; bad layouts and
+failing ranks end the run with one error line."""
+
+import numpy as np
+import pytest
+import torch
+
+from liveditor.errors import LIVEditorError
+from liveditor.pipelines.parallel import choose_degrees, launch
+from parallel_workers import edit_video_input, fail_on_rank, pipeline_edits, single_transformer_outputs, \
+    ulysses_transformer_outputs
+from tiny_models import tiny_pipeline
+
+CALL = dict(prompt="turn the square red", num_inference_steps=2, guidance_scale=2.5, seed=5)
+LAYOUTS = [(2, 1), (1, 2)]  # CFG parallel; Ulysses over both ranks
+
+
+def _single_process_frames(video_seed):
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(video=edit_video_input(video_seed), **CALL).frames
+
+
+@pytest.mark.parametrize("video_seed", [0, 1])
+def test_cfg_parallel_and_ulysses_edits_equal_the_single_process_edit(video_seed):
+    expected = _single_process_frames(video_seed)
+    results = launch(pipeline_edits, 2, (LAYOUTS, {**CALL, "video": edit_video_input(video_seed)}), backend="gloo")
+    for (cfg_degree, ulysses), (frames, timings, rank_difference) in zip(LAYOUTS, results):
+        where = f"video seed {video_seed}, CFG {cfg_degree} x Ulysses {ulysses}"
+        assert rank_difference == 0.0, f"{where}: ranks' latents differ by {rank_difference}"
+        assert frames.shape == expected.shape, where
+        np.testing.assert_allclose(frames, expected, rtol=0, atol=1e-5, err_msg=where)
+        assert set(timings) == {"text_encoder_s", "vae_encode_s", "denoise_s", "vae_decode_s"}, where
+        assert all(v >= 0 for v in timings.values()), where
+
+
+@pytest.mark.parametrize(
+    "world, guidance, cfg, ulysses, expected",
+    [(2, True, None, None, (2, 1)), (4, True, None, None, (2, 2)), (3, True, None, None, (1, 3)),
+     (4, False, None, None, (1, 4)), (4, True, 1, None, (1, 4)), (4, True, None, 4, (1, 4)), (1, True, None, None, (1, 1))],
+)
+def test_default_degrees(world, guidance, cfg, ulysses, expected):
+    assert choose_degrees(world, guidance, cfg, ulysses) == expected
+
+
+@pytest.mark.parametrize(
+    "world, guidance, cfg, ulysses, message",
+    [(4, True, 2, 3, "4 GPUs cannot be split"), (4, True, None, 3, "4 GPUs cannot be split"),
+     (2, False, 2, None, "needs classifier-free guidance"), (4, True, 3, None, "must be 1 or 2"),
+     (4, True, None, 0, "must be a positive integer")],
+)
+def test_bad_degrees_are_one_line_errors(world, guidance, cfg, ulysses, message):
+    with pytest.raises(LIVEditorError, match=message) as info:
+        choose_degrees(world, guidance, cfg, ulysses)
+    assert "\n" not in str(info.value)
+
+
+def test_a_failing_rank_ends_every_rank_with_one_error_line():
+    # Rank 1 raises before a barrier that rank 0 waits in: the launcher must end rank 0 too.
+    with pytest.raises(LIVEditorError) as info:
+        launch(fail_on_rank, 2, (1,), backend="gloo")
+    assert str(info.value) == "rank 1: RuntimeError: boom on purpose"
+
+
+def test_launch_returns_rank_0_result_and_rejects_bad_counts():
+    assert launch(fail_on_rank, 2, (-1,), backend="gloo") == "finished"
+    with pytest.raises(LIVEditorError, match="positive integer"):
+        launch(fail_on_rank, 0, (-1,), backend="gloo")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["isa", "dense"])
+def test_two_gpus_with_nccl_equal_one_gpu(mode):
+    """On 2 GPUs: Ulysses 2 gives the 1-GPU transformer output (small fp32 model), and CFG
+    parallel and Ulysses give the 1-GPU edit."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cases = [dict(preset="liveditor-small", mode=mode, model_seed=seed, input_seed=seed + 10, latent=(5, 16, 16))
+             for seed in (0, 1)]
+    expected = single_transformer_outputs(cases, device="cuda:0")
+    parallel = launch(ulysses_transformer_outputs, 2, (cases, "cuda"), backend="nccl")
+    for case, ref, (out, rank_difference) in zip(cases, expected, parallel):
+        assert rank_difference == 0.0, f"seed {case['model_seed']}: ranks differ by {rank_difference}"
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"seed {case['model_seed']}: {m}")
+
+    pipe = tiny_pipeline(seed=0).to("cuda:0")
+    pipe.set_progress_bar_config(disable=True)
+    expected_frames = pipe(video=edit_video_input(0), **CALL, attention_kwargs={"mode": mode}).frames
+    call = {**CALL, "video": edit_video_input(0), "attention_kwargs": {"mode": mode}}
+    for (cfg_degree, ulysses), (frames, _, rank_difference) in zip(
+            LAYOUTS, launch(pipeline_edits, 2, (LAYOUTS, call, "cuda"), backend="nccl")):
+        assert rank_difference == 0.0
+        np.testing.assert_allclose(frames, expected_frames, rtol=0, atol=1e-4,
+                                   err_msg=f"CFG {cfg_degree} x Ulysses {ulysses}")

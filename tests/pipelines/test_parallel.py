@@ -94,3 +94,52 @@ def test_two_gpus_with_nccl_equal_one_gpu(mode):
         assert rank_difference == 0.0
         np.testing.assert_allclose(frames, expected_frames, rtol=0, atol=1e-4,
                                    err_msg=f"CFG {cfg_degree} x Ulysses {ulysses}")
+
+
+# ----- liveditor edit --gpus --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+def _edit(*args):
+    from liveditor.cli import main as cli_main
+
+    return cli_main(["edit", *map(str, args)])
+
+
+def test_edit_on_two_processes_writes_the_one_process_video(tmp_path, model_folder, capfd):
+    from liveditor.data.video_io import read_video, write_video
+
+    clip = write_video(tmp_path / "input.mp4", edit_video_input(3), fps=16)
+    common = ["make the ball blue", "--model", model_folder, "--steps", "2", "--guidance", "2.5", "--device", "cpu"]
+    assert _edit(clip, *common, "-o", tmp_path / "one.mp4") == 0
+    capfd.readouterr()
+    assert _edit(clip, *common, "-o", tmp_path / "two.mp4", "--gpus", "2") == 0
+    out = capfd.readouterr().out
+    assert out.count("wrote ") == 1 and "parallel: 2 ranks: CFG parallel 2 x Ulysses 1" in out
+    assert "text encoder" in out and "VAE" in out
+    np.testing.assert_array_equal(read_video(tmp_path / "two.mp4").frames, read_video(tmp_path / "one.mp4").frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.mp4", "one.mp4", "two.mp4"]
+
+
+def test_edit_whose_ranks_fail_ends_with_one_error_line_and_no_output(tmp_path, model_folder, capfd):
+    from liveditor.data.video_io import write_video
+
+    clip = write_video(tmp_path / "input.mp4", edit_video_input(4), fps=16)
+    # 3 GPUs with guidance: Ulysses 3 over the tiny model's 2 heads fails on every rank.
+    rc = _edit(clip, "make the ball blue", "-o", tmp_path / "out.mp4", "--model", model_folder, "--steps", "1",
+               "--guidance", "2.5", "--device", "cpu", "--gpus", "3")
+    err = capfd.readouterr().err
+    assert rc == 2
+    # Libraries' own log lines aside (imports on each rank), one error line, the last, no traceback.
+    expected = "liveditor edit: error: rank 0: ValueError: Ulysses degree 3 must divide the 2 attention heads"
+    assert [line for line in err.splitlines() if line.startswith("liveditor")] == [expected]
+    assert err.strip().splitlines()[-1] == expected and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.mp4"]
+    assert _edit(clip, "x", "-o", tmp_path / "out.mp4", "--model", model_folder, "--ulysses", "2") == 2
+    assert "need --gpus" in capfd.readouterr().err

@@ -135,3 +135,12 @@ def pipeline_edits(layouts: list[tuple[int, int]], call: dict, device_type: str 
 
 def edit_video_input(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+
+
+def fail_on_rank_1_at_step_1(pipe, step, timestep, tensors):
+    """A step callback that makes rank 1 fail in the middle of the denoising loop."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1 and step == 1:
+        raise RuntimeError("rank 1 fails mid-edit")
+    return {}

@@ -143,3 +143,17 @@ def test_edit_whose_ranks_fail_ends_with_one_error_line_and_no_output(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.mp4"]
     assert _edit(clip, "x", "-o", tmp_path / "out.mp4", "--model", model_folder, "--ulysses", "2") == 2
     assert "need --gpus" in capfd.readouterr().err
+
+
+def test_a_rank_failing_mid_edit_leaves_no_output_and_no_temporary_file(tmp_path, model_folder):
+    from liveditor.data.video_io import write_video
+    from liveditor.pipelines.parallel import run_edit_parallel
+    from parallel_workers import fail_on_rank_1_at_step_1
+
+    clip = write_video(tmp_path / "input.mp4", edit_video_input(5), fps=16)
+    with pytest.raises(LIVEditorError) as info:
+        run_edit_parallel(2, input_path=clip, instruction="make the ball blue", output_path=tmp_path / "out.mp4",
+                          model=model_folder, steps=3, guidance=2.5, device="cpu",
+                          callback_on_step_end=fail_on_rank_1_at_step_1)
+    assert str(info.value) == "rank 1: RuntimeError: rank 1 fails mid-edit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.mp4"]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import tempfile
 import time
@@ -178,12 +179,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(1)
+
+
 def _worker(local_rank: int, world_size: int, port: int, backend: str, fn, args, results: str):
     import torch
     import torch.distributed as dist
 
     # Results and errors travel as files: a pipe would block a large result until the parent reads.
     folder = Path(results)
+    # The launcher ends the other ranks with SIGTERM when one fails: unwind (temporary files of an
+    # unfinished output are removed) instead of dying on the spot.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -17,11 +17,12 @@ from liveditor.models import LIVEditorTransformer3DModel
 SPARSE_ISA = ISAConfig(block_size=8, select_ratio=0.5, full_ratio=0.5, exact_ratio=0.25)
 
 
-def build_transformer(preset: str, seed: int, in_channels: int = 4, device="cpu"):
+def build_transformer(preset: str, seed: int, in_channels: int = 4, device="cpu", **overrides):
     """A randomly initialised transformer of `preset`, the same on every rank (seeded)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LIVEditorTransformer3DModel.from_preset(preset, in_channels=in_channels, out_channels=in_channels)
+        model = LIVEditorTransformer3DModel.from_preset(preset, in_channels=in_channels, out_channels=in_channels,
+                                                        **overrides)
     return model.to(device).eval()
 
 
@@ -84,14 +85,15 @@ def single_transformer_outputs(cases: list[dict], device="cpu") -> list[torch.Te
     return results
 
 
-def enable_bad_ulysses(preset: str):
+def enable_bad_ulysses(preset: str, num_attention_heads: int):
     """Ulysses over the whole world on a model whose heads it cannot divide (raises)."""
     from liveditor.pipelines.parallel import ParallelLayout
 
     import torch.distributed as dist
 
     layout = ParallelLayout.create(1, dist.get_world_size())
-    build_transformer(preset, 0).enable_sequence_parallel(layout.ulysses_group)
+    model = build_transformer(preset, 0, num_attention_heads=num_attention_heads)
+    model.enable_sequence_parallel(layout.ulysses_group)
 
 
 def fail_on_rank(rank_to_fail: int):
@@ -105,9 +107,10 @@ def fail_on_rank(rank_to_fail: int):
     return "finished"
 
 
-def pipeline_edits(layouts: list[tuple[int, int]], call: dict, device_type: str = "cpu"):
-    """The tiny test pipeline's edit of `call` on every rank under each (CFG, Ulysses) layout;
-    per layout: (rank 0's frames, rank 0's timings, largest final-latent difference across ranks)."""
+def pipeline_edits(layouts: list[tuple[int, int]], calls: list[dict], device_type: str = "cpu"):
+    """The tiny test pipeline's edit of each of `calls` on every rank under each (CFG, Ulysses)
+    layout; per call, per layout: (rank 0's frames, rank 0's timings, largest final-latent
+    difference across ranks)."""
     from tiny_models import tiny_pipeline
 
     from liveditor.pipelines.parallel import ParallelLayout
@@ -123,13 +126,17 @@ def pipeline_edits(layouts: list[tuple[int, int]], call: dict, device_type: str 
         latents["last"] = tensors["latents"].detach().clone()
         return {}
 
+    layouts = [ParallelLayout.create(cfg_degree, ulysses) for cfg_degree, ulysses in layouts]
     results = []
-    for cfg_degree, ulysses in layouts:
-        pipe.enable_parallel(ParallelLayout.create(cfg_degree, ulysses))
-        out = pipe(**call, callback_on_step_end=keep)
-        if (out.frames is None) != (dist.get_rank() != 0):
-            raise AssertionError(f"rank {dist.get_rank()} returned frames={type(out.frames).__name__}")
-        results.append((out.frames, out.timings, _max_rank_difference(latents["last"].cpu(), device)))
+    for call in calls:
+        per_layout = []
+        for layout in layouts:
+            pipe.enable_parallel(layout)
+            out = pipe(**call, callback_on_step_end=keep)
+            if (out.frames is None) != (dist.get_rank() != 0):
+                raise AssertionError(f"rank {dist.get_rank()} returned frames={type(out.frames).__name__}")
+            per_layout.append((out.frames, out.timings, _max_rank_difference(latents["last"].cpu(), device)))
+        results.append(per_layout)
     return results
 
 

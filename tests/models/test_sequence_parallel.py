@@ -38,11 +38,11 @@ def test_ulysses_2_equals_one_process(outputs, index):
 
 
 def test_heads_not_divisible_by_the_degree_is_one_clear_error():
-    # liveditor-tiny has 2 heads: a Ulysses degree of 3 cannot split them.
+    # 3 heads cannot be split over 2 ranks.
     with pytest.raises(LIVEditorError) as info:
-        launch(enable_bad_ulysses, 3, ("liveditor-tiny",), backend="gloo")
+        launch(enable_bad_ulysses, 2, ("liveditor-tiny", 3), backend="gloo")
     message = str(info.value)
-    assert "Ulysses degree 3 must divide the 2 attention heads" in message and "\n" not in message
+    assert "Ulysses degree 2 must divide the 3 attention heads" in message and "\n" not in message
 
 
 def test_tokens_not_divisible_by_the_degree_is_a_clear_error():

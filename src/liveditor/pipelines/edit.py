@@ -268,7 +268,12 @@ def run_edit(
         from .parallel import ParallelLayout, choose_degrees
 
         scale = pipe.sampling_settings(steps, guidance)[1]
-        layout = ParallelLayout.create(*choose_degrees(dist.get_world_size(), scale != 1, *parallel))
+        cfg_degree, ulysses = choose_degrees(dist.get_world_size(), scale != 1, *parallel)
+        heads = pipe.transformer.config.num_attention_heads
+        if heads % ulysses:
+            raise LIVEditorError(f"Ulysses over {ulysses} GPUs (of {dist.get_world_size()}, CFG parallel {cfg_degree}) "
+                                 f"must divide the model's {heads} attention heads; choose --gpus or --ulysses so")
+        layout = ParallelLayout.create(cfg_degree, ulysses)
         pipe.enable_parallel(layout)
     transformer = pipe.transformer
     if attention is not None:

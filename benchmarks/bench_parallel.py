@@ -72,7 +72,7 @@ def _log(*parts):
 
 def build_model(preset, dtype, device, seed):
     """The preset's transformer with seeded random weights made directly on `device` in `dtype`,
-    then rank 0's weights broadcast, so every rank holds the same model."""
+    then rank 0's parameters broadcast, so every rank holds the same model (buffers are not random)."""
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -83,8 +83,8 @@ def build_model(preset, dtype, device, seed):
         torch.set_default_dtype(previous)
     model = model.eval().requires_grad_(False)
     if dist.get_world_size() > 1:
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+        for parameter in model.parameters():
+            dist.broadcast(parameter.data, src=0)
     return model
 
 

@@ -319,7 +319,7 @@ def run_edit(
                           num_frames=padded, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           output_type="np", callback_on_step_end=callback_on_step_end)
             for key in stage_seconds:
-                stage_seconds[key] += result.timings.get(key, 0.0)
+                stage_seconds[key] += (result.timings or {}).get(key, 0.0)
             windows += 1
             if main:
                 blender.add(window_start, result.frames[0][:count, top : top + content_h, left : left + content_w])

@@ -277,7 +277,13 @@ def _edit_rank(cfg_parallel, ulysses, edit_kwargs):
     import torch.distributed as dist
 
     started_here = not dist.is_initialized()  # torchrun: this process joins, runs and leaves
-    init_distributed("gloo" if edit_kwargs.get("device") == "cpu" else None)
+    rank, _ = init_distributed("gloo" if edit_kwargs.get("device") == "cpu" else None)
+    if rank != 0:  # one set of loading bars, the first rank's
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     try:
         return run_edit(parallel=(cfg_parallel, ulysses), **edit_kwargs)
     finally:

@@ -26,7 +26,8 @@ class AttentionEvent:
     """What one self-attention call saw and decided, handed to `SelfAttentionCall.callback`.
 
     query, key, value: `[B, H, N, D]` as attention received them (after projections, qk-norm and
-    RoPE; under sequence parallelism the rank's heads over all N tokens); gate: the coarse-residual gate `[B, N]`; `info`: the ISAInfo of the call in "isa" mode,
+    RoPE; under sequence parallelism the rank's heads over all N tokens); gate: the
+    coarse-residual gate `[B, N]`; `info`: the ISAInfo of the call in "isa" mode,
     None in "dense" mode.
     """
 

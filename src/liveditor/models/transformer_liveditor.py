@@ -232,10 +232,6 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
             SequenceShard.of(group).check(self.config.num_attention_heads)
         self._sequence_group = group
 
-    @property
-    def sequence_parallel_degree(self) -> int:
-        return 1 if self._sequence_group is None else SequenceShard.of(self._sequence_group).degree
-
     # ----- forward --------------------------------------------------------------------------
 
     def forward(

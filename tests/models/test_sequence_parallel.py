@@ -52,3 +52,15 @@ def test_tokens_not_divisible_by_the_degree_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Ulysses degree 4 must divide the 90 tokens"):
         shard.check(num_heads=8, num_tokens=90)
     shard.check(num_heads=8, num_tokens=96)
+
+
+def test_ulysses_4_with_shards_inside_the_segments_equals_one_process():
+    """With 4 ranks the shards split the source and the context in halves: each must get the RoPE
+    of its own positions (2 ranks always split exactly at the source/context boundary)."""
+    cases = [dict(preset="liveditor-small", mode=mode, model_seed=3, input_seed=13, latent=(5, 8, 8))
+             for mode in ("isa", "dense")]
+    single = single_transformer_outputs(cases)
+    for case, ref, (out, rank_difference) in zip(cases, single, launch(ulysses_transformer_outputs, 4, (cases,),
+                                                                        backend="gloo")):
+        assert rank_difference == 0.0, f"{_case_id(case)}: ranks disagree by {rank_difference}"
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{_case_id(case)}: {m}")

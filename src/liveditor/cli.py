@@ -7,6 +7,7 @@ Each subcommand is one `_add_<name>(subparsers)` function that registers its par
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -145,19 +146,31 @@ def _add_edit(subparsers) -> None:
                    help="FP8 linear layers in the transformer blocks (faster, small error; needs torchao and a GPU of "
                    "compute capability 8.9+; not with --offload)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--gpus", type=_int_at_least(1), default=None,
+                   help="run on N GPUs of this host (one process each): CFG parallel when guided and N is even, "
+                   "Ulysses sequence parallel over the rest; under torchrun the ranks are torchrun's")
+    p.add_argument("--cfg-parallel", type=int, choices=(1, 2), default=None,
+                   help="with --gpus: GPU groups for the two guidance branches (default: 2 when possible)")
+    p.add_argument("--ulysses", type=_int_at_least(1), default=None,
+                   help="with --gpus: GPUs sharing one branch by sequence parallelism (default: the rest)")
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="also draw what ISA does on this edit (middle layer, middle step; ISA attention even where "
                         "the edit ran dense) over the input frames: PNGs, mp4, JSON")
 
     def handler(args):
         from .pipelines.edit import run_edit
+        from .pipelines.parallel import launched_by_torchrun, run_edit_parallel
 
         if args.explain:
             from .eval.explain import check_explain_folder
 
             check_explain_folder(args.explain, args.overwrite)
+        parallel = args.gpus is not None or launched_by_torchrun()
+        if not parallel and (args.cfg_parallel is not None or args.ulysses is not None):
+            raise LIVEditorError("--cfg-parallel and --ulysses need --gpus (or a torchrun launch)")
 
-        report = run_edit(
+        edit = functools.partial(run_edit_parallel, args.gpus, args.cfg_parallel, args.ulysses) if parallel else run_edit
+        report = edit(
             input_path=args.input,
             instruction=args.instruction,
             output_path=args.output,
@@ -177,6 +190,8 @@ def _add_edit(subparsers) -> None:
             fp8=args.fp8,
             overwrite=args.overwrite,
         )
+        if report is None:  # a rank other than the first of a torchrun launch
+            return
         if args.explain:
             from .eval.explain import explain_video_edit
 

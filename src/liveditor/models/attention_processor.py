@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..isa import ISAConfig, ISAInfo, coarse_residual, isa_attention
+from .sequence_parallel import SequenceShard
 
 ATTENTION_MODES = ("isa", "dense")
 
@@ -25,7 +26,8 @@ class AttentionEvent:
     """What one self-attention call saw and decided, handed to `SelfAttentionCall.callback`.
 
     query, key, value: `[B, H, N, D]` as attention received them (after projections, qk-norm and
-    RoPE); gate: the coarse-residual gate `[B, N]`; `info`: the ISAInfo of the call in "isa" mode,
+    RoPE; under sequence parallelism the rank's heads over all N tokens); gate: the
+    coarse-residual gate `[B, N]`; `info`: the ISAInfo of the call in "isa" mode,
     None in "dense" mode.
     """
 
@@ -52,6 +54,8 @@ class SelfAttentionCall:
     isa_config: ISA's knobs; in "dense" mode only block_size and token_order (the residual's blocks).
     callback: optional, called once per layer with an AttentionEvent (ISA decisions, q/k/v).
     timer: optional AttentionTimer that accumulates time spent in attention.
+    sequence_shard: under Ulysses sequence parallelism, this rank's SequenceShard: the processor
+        receives the rank's token shard and attends over all tokens on its share of the heads.
     """
 
     num_source: int
@@ -60,6 +64,7 @@ class SelfAttentionCall:
     isa_config: ISAConfig = field(default_factory=ISAConfig)
     callback: Callable[[AttentionEvent], None] | None = None
     timer: "AttentionTimer | None" = None
+    sequence_shard: SequenceShard | None = None
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
@@ -149,6 +154,10 @@ class LIVEditorAttnProcessor:
 
         query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         gate = coarse_gate_value(attn.coarse_gate(hidden_states)).to(query.dtype)
+        shard = call.sequence_shard
+        if shard is not None:  # local tokens, all heads -> all tokens, the rank's heads
+            query, key, value = (shard.tokens_to_heads(x) for x in (query, key, value))
+            gate = shard.gather(gate)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         info = None
         timing = call.timer.measure(query.device) if call.timer is not None else nullcontext()
@@ -167,6 +176,8 @@ class LIVEditorAttnProcessor:
         if call.callback is not None:
             call.callback(AttentionEvent(layer, q, k, v, gate.squeeze(-1), call.num_source, call.grid, call.mode, info))
 
+        if shard is not None:
+            out = shard.heads_to_tokens(out)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

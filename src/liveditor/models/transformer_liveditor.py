@@ -35,6 +35,7 @@ from diffusers.models.transformers.transformer_wan import (
 
 from ..isa import ISAConfig
 from .attention_processor import ATTENTION_MODES, AttentionTimer, LIVEditorAttnProcessor, SelfAttentionCall
+from .sequence_parallel import SequenceShard
 
 # ISA as the released LIVEditor-14B runs it: top-k sharpness, block counts rounded down (int()).
 # Blocking stays ours (source and context padded separately): docs/model.md, parity table.
@@ -189,6 +190,7 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
         self.gradient_checkpointing = False
+        self._sequence_group = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LIVEditorTransformer3DModel":
@@ -218,6 +220,17 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     @property
     def isa_config(self) -> ISAConfig:
         return self._isa_config
+
+    # ----- sequence parallelism ------------------------------------------------------------
+
+    def enable_sequence_parallel(self, group) -> None:
+        """Ulysses sequence parallelism over the ranks of `group` (a torch.distributed process
+        group; None turns it off). Every rank of the group calls forward with the same inputs and
+        gets the same output; each holds 1/degree of the tokens through the blocks and attends on
+        1/degree of the heads (`liveditor.models.sequence_parallel`)."""
+        if group is not None:
+            SequenceShard.of(group).check(self.config.num_attention_heads)
+        self._sequence_group = group
 
     # ----- forward --------------------------------------------------------------------------
 
@@ -268,7 +281,15 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
 
-        call = self._self_attention_call(num_source, grid, attention_kwargs)
+        shard = None if self._sequence_group is None else SequenceShard.of(self._sequence_group)
+        if shard is not None and shard.degree > 1:
+            # Each rank keeps a contiguous shard of the tokens, with the RoPE of their own positions.
+            shard.check(self.config.num_attention_heads, tokens.shape[1])
+            tokens = shard.local(tokens)
+            rotary_emb = tuple(shard.local(x) for x in rotary_emb)
+        else:
+            shard = None
+        call = self._self_attention_call(num_source, grid, attention_kwargs, shard)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(
@@ -277,13 +298,17 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
             else:
                 tokens = block(tokens, encoder_hidden_states, timestep_proj, rotary_emb, call)
 
-        # Only the source is decoded.
-        tokens = tokens[:, :num_source]
+        # Only the source is decoded. The head is per token: under sequence parallelism each rank
+        # decodes its shard and the (much narrower) outputs are gathered.
+        if shard is None:
+            tokens = tokens[:, :num_source]
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = (self.norm_out(tokens.float()) * (1 + scale.to(tokens.device)) + shift.to(tokens.device)).type_as(
             tokens
         )
         tokens = self.proj_out(tokens)
+        if shard is not None:
+            tokens = shard.gather(tokens)[:, :num_source]
         tokens = tokens.reshape(batch_size, *grid, p_t, p_h, p_w, -1)
         output = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         if not return_dict:
@@ -293,7 +318,8 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     _ATTENTION_KWARGS = ("mode", "isa_config", "callback")
 
     def _self_attention_call(self, num_source: int, grid: tuple[int, int, int],
-                             attention_kwargs: dict[str, Any] | None) -> SelfAttentionCall:
+                             attention_kwargs: dict[str, Any] | None,
+                             sequence_shard: SequenceShard | None = None) -> SelfAttentionCall:
         attention_kwargs = dict(attention_kwargs or {})
         unknown = set(attention_kwargs) - set(self._ATTENTION_KWARGS)
         if unknown:
@@ -305,4 +331,5 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
             isa_config=attention_kwargs.get("isa_config", self._isa_config),
             callback=attention_kwargs.get("callback"),
             timer=self.attention_timer,
+            sequence_shard=sequence_shard,
         )

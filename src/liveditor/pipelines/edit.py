@@ -12,6 +12,7 @@ import math
 import time
 import warnings
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class EditReport:
     edit_seconds: float
     attention_seconds: float | None  # None: not measured (compiled blocks)
     attention_mode: str
+    text_encoder_seconds: float = 0.0  # all windows; on the first rank in a parallel run
+    vae_seconds: float = 0.0  # encode and decode, all windows
+    parallel: str | None = None  # the GPU layout of a parallel run, in words
 
     @property
     def attention_share(self) -> float | None:
@@ -70,9 +74,11 @@ class EditReport:
             f"{self.input_fps:g} fps, {self.input_size[1]}x{self.input_size[0]})\n"
             f"{self.fit}; {windows}; audio {'copied' if self.audio_copied else 'none'}; seed {self.seed}\n"
             f"total {self.load_seconds + self.edit_seconds:.2f} s (load {self.load_seconds:.2f} s, "
-            f"edit {self.edit_seconds:.2f} s); attention ({self.attention_mode}) "
+            f"edit {self.edit_seconds:.2f} s: text encoder {self.text_encoder_seconds:.2f} s, VAE "
+            f"{self.vae_seconds:.2f} s); attention ({self.attention_mode}) "
             + (f"{self.attention_seconds:.2f} s = {100 * self.attention_share:.1f}% of the edit"
                if self.attention_seconds is not None else "time not measured (compiled blocks)")
+            + (f"\n{self.parallel}" if self.parallel else "")
         )
 
 
@@ -203,7 +209,8 @@ def run_edit(
     fp8: bool = False,
     print_summary: bool = True,
     callback_on_step_end=None,
-) -> EditReport:
+    parallel: tuple[int | None, int | None] | None = None,
+) -> EditReport | None:
     """Edit a video file and write the result at the model's frame rate, keeping the duration.
 
     Every bad input fails with a one-line LIVEditorError before the model is loaded (and before
@@ -212,6 +219,11 @@ def run_edit(
     a part of the input; `resize` is "crop" or "pad"; `offload` ("model", "group", "sequential";
     True = "model"), `compile` and `fp8` as in `load_pipeline`. `callback_on_step_end` is handed to the
     pipeline for every window (diffusers' signature; `pipe._interrupt = True` stops the window).
+
+    `parallel`: (CFG degree, Ulysses degree), either None for the default, when this process is
+    one rank of an initialised torch.distributed world (`liveditor.pipelines.parallel.run_edit_parallel`
+    starts them): every rank runs the edit, the first writes the output and returns the report, the
+    others write nothing and return None.
     """
     from ..data.video_io import AudioSource, VideoWriter, check_writable_video_path, iter_video_frames, probe_video
     from .loading import check_pipeline_folder, load_pipeline, parse_offload
@@ -238,7 +250,8 @@ def run_edit(
     model = check_pipeline_folder(model)
     if info.duration and start >= info.duration:
         raise LIVEditorError(f"--start {start:g} s is not before the end of {input_path} ({info.duration:.2f} s)")
-    if bundled:
+    main = parallel is None or _distributed_rank() == 0
+    if bundled and main:
         from ..data.shapes import check_instruction
 
         domain = check_instruction(instruction)
@@ -250,9 +263,25 @@ def run_edit(
     from .pipeline_liveditor import check_seed, frames_to_tensor
 
     seed = check_seed(seed)
+    if parallel is not None and (device is None or device.startswith("cuda")) and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"  # each rank its own GPU
     begin = time.perf_counter()
     pipe = load_pipeline(model, device=device, offload=offload, vae_tiling=bool(offload), compile=compile, fp8=fp8)
     load_seconds = time.perf_counter() - begin
+    layout = None
+    if parallel is not None:
+        import torch.distributed as dist
+
+        from .parallel import ParallelLayout, choose_degrees
+
+        scale = pipe.sampling_settings(steps, guidance)[1]
+        cfg_degree, ulysses = choose_degrees(dist.get_world_size(), scale != 1, *parallel)
+        heads = pipe.transformer.config.num_attention_heads
+        if heads % ulysses:
+            raise LIVEditorError(f"Ulysses over {ulysses} GPUs (of {dist.get_world_size()}, CFG parallel {cfg_degree}) "
+                                 f"must divide the model's {heads} attention heads; choose --gpus or --ulysses so")
+        layout = ParallelLayout.create(cfg_degree, ulysses)
+        pipe.enable_parallel(layout)
     transformer = pipe.transformer
     if attention is not None:
         transformer.set_attention_mode(attention)
@@ -276,15 +305,19 @@ def run_edit(
 
     audio = AudioSource(info.path, start, duration) if info.has_audio else None
     input_frames = 0
+    stage_seconds = dict(text_encoder_s=0.0, vae_encode_s=0.0, vae_decode_s=0.0)
     begin = time.perf_counter()
-    with VideoWriter(output_path, fps, (content_h, content_w), overwrite=overwrite, audio=audio) as writer:
-        blender = WindowBlender(writer.write)
+    # In a parallel run only the first rank writes (atomically: nothing at `output_path` on failure).
+    output = VideoWriter(output_path, fps, (content_h, content_w), overwrite=overwrite, audio=audio) if main else (
+        nullcontext())
+    with output as writer:
+        blender = WindowBlender(writer.write) if main else None
         windows = 0
         for window_start, frames in iter_windows(fitted_frames(), window, overlap):
             count = len(frames)
             input_frames = max(input_frames, window_start + count)
             clip = torch.stack(frames)
-            if bundled and windows == 0:
+            if bundled and main and windows == 0:
                 problem = shapeedit_video_check((clip.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
                 if problem:
                     warnings.warn(f"bundled tiny model: {problem}", stacklevel=2)
@@ -293,14 +326,19 @@ def run_edit(
             result = pipe(clip, instruction, negative_prompt=negative_prompt, height=bucket_h, width=bucket_w,
                           num_frames=padded, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           output_type="np", callback_on_step_end=callback_on_step_end)
-            edited = result.frames[0][:count, top : top + content_h, left : left + content_w]
-            blender.add(window_start, edited)
+            for key in stage_seconds:
+                stage_seconds[key] += (result.timings or {}).get(key, 0.0)
             windows += 1
-        blender.finish()
+            if main:
+                blender.add(window_start, result.frames[0][:count, top : top + content_h, left : left + content_w])
+        if main:
+            blender.finish()
     if pipe._execution_device.type == "cuda":
         torch.cuda.synchronize()
     edit_seconds = time.perf_counter() - begin
     timer.enabled = False
+    if not main:
+        return None
 
     report = EditReport(
         output=output_path,
@@ -323,7 +361,16 @@ def run_edit(
         edit_seconds=edit_seconds,
         attention_seconds=None if compile else timer.seconds,
         attention_mode=transformer.attention_mode,
+        text_encoder_seconds=stage_seconds["text_encoder_s"],
+        vae_seconds=stage_seconds["vae_encode_s"] + stage_seconds["vae_decode_s"],
+        parallel=None if layout is None else f"parallel: {layout.describe()}",
     )
     if print_summary:
         print(report.summary())
     return report
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()

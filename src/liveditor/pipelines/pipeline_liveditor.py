@@ -7,6 +7,7 @@ import html
 import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,20 @@ def check_steps(num_inference_steps) -> int:
 @dataclass
 class LIVEditorPipelineOutput(BaseOutput):
     """frames: the edited videos, one per prompt (np `[B, F, H, W, 3]` in [0, 1], a list of PIL
-    lists, a `[B, F, 3, H, W]` tensor, or the latent); fps: the frame rate to play them at."""
+    lists, a `[B, F, 3, H, W]` tensor, or the latent; None on the ranks other than the first of a
+    parallel run); fps: the frame rate to play them at; timings: seconds of text encoding, VAE
+    encoding, denoising and VAE decoding."""
 
     frames: object
     fps: float
+    timings: dict | None = None
+
+
+def _elapsed(start: float, device) -> float:
+    """Seconds since `start`, after the device's queued work (a fair wall-clock time on GPUs)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 # ----- geometry --------------------------------------------------------------------------------
@@ -318,6 +329,16 @@ class LIVEditorPipeline(DiffusionPipeline):
         self._current_timestep = None
         self._interrupt = False
         self._attention_kwargs = None
+        self._parallel_layout = None
+
+    def enable_parallel(self, layout) -> None:
+        """Run on the ranks of a `liveditor.pipelines.parallel.ParallelLayout` (CFG parallel x Ulysses;
+        None: one process). Every rank of the layout calls the pipeline with the same arguments; the
+        first encodes text and video, decodes and returns the frames, the others return None frames."""
+        self._parallel_layout = layout
+        self.transformer.enable_sequence_parallel(None if layout is None else layout.ulysses_group)
+        if layout is not None and not layout.is_main:
+            self.set_progress_bar_config(disable=True)
 
     # ----- diffusers-style state (readable from a step callback) --------------------------------
 
@@ -578,24 +599,50 @@ class LIVEditorPipeline(DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
+        layout = self._parallel_layout
+        main = layout is None or layout.is_main
+        timings = {}
 
-        pixels, fit = self.prepare_video(video, height, width, num_frames, resize_mode)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds, negative_prompt_embeds,
-            device, dtype)
-        context = self.encode_video(pixels).to(device=device, dtype=torch.float32)
-        shape = (batch, *context.shape[1:])
-        if latents is None:
-            if generator is None:
-                generator = torch.Generator(device=device).manual_seed(check_seed(DEFAULT_SEED if seed is None else seed))
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this video, got {tuple(latents.shape)}")
+        if main:  # in a parallel run, the first rank encodes and shares the results
+            start = time.perf_counter()
+            pixels, fit = self.prepare_video(video, height, width, num_frames, resize_mode)
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds, negative_prompt_embeds,
+                device, dtype)
+            timings["text_encoder_s"] = _elapsed(start, device)
+            start = time.perf_counter()
+            context = self.encode_video(pixels).to(device=device, dtype=torch.float32)
+            timings["vae_encode_s"] = _elapsed(start, device)
+            shape = (batch, *context.shape[1:])
+            if latents is None:
+                if generator is None:
+                    generator = torch.Generator(device=device).manual_seed(
+                        check_seed(DEFAULT_SEED if seed is None else seed))
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            elif tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this video, got {tuple(latents.shape)}")
+        if layout is not None:
+            from .parallel import broadcast_from_main
+
+            shared = None
+            if main:
+                shared = dict(fit=fit, latents=latents, context=context, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds)
+                shared = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
+            shared = broadcast_from_main(layout, shared)
+            fit, latents, context = shared["fit"], shared["latents"], shared["context"]
+            prompt_embeds = shared["prompt_embeds"].to(device=device, dtype=dtype)
+            negative_prompt_embeds = shared["negative_prompt_embeds"]
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         latents = latents.to(device=device, dtype=torch.float32)
-        context = context.to(dtype).expand(batch, *context.shape[1:])
+        context = context.to(device=device, dtype=dtype).expand(batch, *context.shape[1:])
+
+        from .parallel import guided_flow
 
         timesteps = self.set_sampling_timesteps(num_inference_steps, device)
         self._num_timesteps = len(timesteps)
+        start = time.perf_counter()
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -603,15 +650,15 @@ class LIVEditorPipeline(DiffusionPipeline):
                 self._current_timestep = t
                 model_input = latents.to(dtype)
                 step_t = t.expand(batch)
-                flow = self.transformer(
-                    model_input, step_t, prompt_embeds, context, attention_kwargs=attention_kwargs, return_dict=False
-                )[0]
-                if self.do_classifier_free_guidance:
-                    flow_uncond = self.transformer(
-                        model_input, step_t, negative_prompt_embeds, context, attention_kwargs=attention_kwargs,
-                        return_dict=False,
+
+                def predict(embeds):
+                    return self.transformer(
+                        model_input, step_t, embeds, context, attention_kwargs=attention_kwargs, return_dict=False
                     )[0]
-                    flow = flow_uncond + guidance_scale * (flow - flow_uncond)
+
+                flow = guided_flow(predict, prompt_embeds,
+                                   negative_prompt_embeds if self.do_classifier_free_guidance else None,
+                                   guidance_scale, layout)
                 latents = self.scheduler.step(flow.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -623,12 +670,17 @@ class LIVEditorPipeline(DiffusionPipeline):
                     negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress.update()
         self._current_timestep = None
+        timings["denoise_s"] = _elapsed(start, device)
 
-        if output_type == "latent":
+        if not main:
+            frames = None
+        elif output_type == "latent":
             frames = latents
         else:
+            start = time.perf_counter()
             video_out = self.decode_latents(latents).float().clamp(-1.0, 1.0)
             video_out = ((video_out + 1.0) / 2.0).permute(0, 2, 1, 3, 4).cpu()  # [B, F, 3, H, W] in [0, 1]
+            timings["vae_decode_s"] = _elapsed(start, device)
             top, left, h, w = fit.content
             video_out = video_out[:, :, :, top : top + h, left : left + w]
             if output_type == "pt":
@@ -643,4 +695,4 @@ class LIVEditorPipeline(DiffusionPipeline):
         fps = float(self.config.fps)
         if not return_dict:
             return (frames, fps)
-        return LIVEditorPipelineOutput(frames=frames, fps=fps)
+        return LIVEditorPipelineOutput(frames=frames, fps=fps, timings=timings)

@@ -66,7 +66,7 @@ class SequenceShard:
 
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """All ranks' shards of `x` concatenated along `dim`, in rank order."""
-        return _wait(funcol.all_gather_single_autograd(x.contiguous(), dim, self.group))
+        return _wait(funcol.all_gather_tensor_autograd(x.contiguous(), dim, self.group))
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:

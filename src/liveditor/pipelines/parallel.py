@@ -131,7 +131,7 @@ def guided_flow(predict, prompt_embeds, negative_prompt_embeds, guidance_scale: 
         import torch.distributed._functional_collectives as funcol
 
         mine = predict(prompt_embeds if layout.cfg_rank == 0 else negative_prompt_embeds)
-        gathered = funcol.all_gather_single_autograd(mine.contiguous(), 0, layout.cfg_group)
+        gathered = funcol.all_gather_tensor_autograd(mine.contiguous(), 0, layout.cfg_group)
         if isinstance(gathered, funcol.AsyncCollectiveTensor):
             gathered = funcol.wait_tensor(gathered)
         flow, flow_uncond = gathered.chunk(2, dim=0)

@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny-shapeedit.toml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--seconds", type=float, default=45.0, help="training time of each count")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="training time of each count (compilation counts too: keep >= 60 s on a GPU)")
     parser.add_argument("--log-every", type=int, default=20, help="steps per log window")
     parser.add_argument("--skip", type=int, default=1, help="log windows left out (compilation, warm-up)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

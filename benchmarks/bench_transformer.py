@@ -263,6 +263,7 @@ def run_cells(args, cells, device, dtype):
               + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else "")
               + (f", compile {row['compile_seconds']:.1f} s" if row.get("compile_seconds") is not None else "")
               + f", finite output: {row['output_finite']}", flush=True)
+        snapshot(complete=False)
 
     failed = {}
 
@@ -346,6 +347,38 @@ def run_cells(args, cells, device, dtype):
             row["error_vs_isa"] = relative_l2(prediction.float().cpu(), outputs["isa"])
         record("isa+group-offload", row, prediction)
 
+    def snapshot(complete: bool) -> dict:
+        """The run's result so far; written to --json after every cell, so a run stopped by a time
+        limit keeps the cells it finished."""
+        for row in rows.values():
+            for base in ("dense", "isa"):
+                row[f"speedup_vs_{base}"] = (rows[base]["seconds_per_step"] / row["seconds_per_step"]) if base in rows else None
+            row["projected_32_step_edit_s"] = 32 * row["seconds_per_step"]
+        result = dict(
+            benchmark="bench_transformer_cells",
+            **run_metadata(device),
+            complete=complete,
+            preset=args.preset,
+            dtype=str(dtype).replace("torch.", ""),
+            video=f"{args.height}x{args.width}x{args.frames}",
+            latent=list(latent_shape),
+            sequence_tokens=2 * tokens_per_segment,
+            text_tokens=args.text_tokens,
+            warmup_steps=args.warmup,
+            timed_steps=steps,
+            isa_config=isa_config,
+            model_build_seconds=build_seconds,
+            skipped=skipped,
+            failed=failed,
+            **extra,
+            rows=list(rows.values()),
+            fp8_error=fp8_report.to_dict() if fp8_report is not None else None,
+            total_seconds=time.perf_counter() - begin_total,
+        )
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     cpu_copy = None
     if "dense" in cells:
         attempt("dense", dense_cell)
@@ -366,31 +399,7 @@ def run_cells(args, cells, device, dtype):
         torch.cuda.empty_cache()
         attempt("isa+group-offload", group_offload_cell)
 
-    for row in rows.values():
-        for base in ("dense", "isa"):
-            row[f"speedup_vs_{base}"] = (rows[base]["seconds_per_step"] / row["seconds_per_step"]) if base in rows else None
-        row["projected_32_step_edit_s"] = 32 * row["seconds_per_step"]
-
-    result = dict(
-        benchmark="bench_transformer_cells",
-        **run_metadata(device),
-        preset=args.preset,
-        dtype=str(dtype).replace("torch.", ""),
-        video=f"{args.height}x{args.width}x{args.frames}",
-        latent=list(latent_shape),
-        sequence_tokens=2 * tokens_per_segment,
-        text_tokens=args.text_tokens,
-        warmup_steps=args.warmup,
-        timed_steps=steps,
-        isa_config=isa_config,
-        model_build_seconds=build_seconds,
-        skipped=skipped,
-        failed=failed,
-        **extra,
-        rows=list(rows.values()),
-        fp8_error=fp8_report.to_dict() if fp8_report is not None else None,
-        total_seconds=time.perf_counter() - begin_total,
-    )
+    result = snapshot(complete=True)
 
     print()
     print(f"{result['device']}  {args.preset} {result['dtype']}  {result['video']} -> {2 * tokens_per_segment} tokens, "
@@ -414,8 +423,6 @@ def run_cells(args, cells, device, dtype):
         print(f"{cell}: skipped ({reason})")
     for cell, reason in failed.items():
         print(f"{cell}: FAILED ({reason})")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -513,8 +520,6 @@ def main(argv=None):
         print(f"{r['mode']:<6} {r['seconds_per_step']:>9.3f} {r['attention_seconds_per_step']:>12.3f} "
               f"{100 * r['attention_share']:>10.1f}% {r['projected_32_step_edit_s'] / 60:>10.2f} min")
     print(f"ISA speedup per step: {speedup:.2f}x; attention op alone: {result['attention_op_speedup']:.2f}x")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -240,3 +240,21 @@ def test_clips_are_the_recorded_ones(split, seed):
         + json.dumps(ex.metadata, sort_keys=True).encode()
     )
     assert hashlib.sha256(payload).hexdigest() == RECORDED_DIGESTS[split, seed], f"{split} seed {seed}"
+
+
+def test_family_weights_set_each_familys_share_of_the_seed_stream():
+    from liveditor.data.shapes import FAMILIES, ShapeEditConfig
+
+    # The default keeps the old stream: family = FAMILIES[seed % 6], so earlier clips are unchanged.
+    assert [ShapeEditConfig().family_of(s) for s in range(24)] == [FAMILIES[s % 6] for s in range(24)]
+    weighted = ShapeEditConfig(family_weights=(3, 1, 1, 1, 0, 2))
+    families = [weighted.family_of(s) for s in range(8000)]
+    assert {f: families.count(f) for f in FAMILIES} == {
+        "swap": 3000, "recolor": 1000, "add": 1000, "remove": 1000, "background": 0, "motion": 2000}
+    for seed in (0, 5, 11):
+        example = generate_example(seed, "train", config=weighted)
+        assert example.family == weighted.family_of(seed)
+        assert example.instruction == generate_example(seed, "train", example.family, weighted).instruction
+    for bad in ((1, 1, 1), (0,) * 6, (1, 1, 1, 1, 1, -1), (1.5, 1, 1, 1, 1, 1)):
+        with pytest.raises(LIVEditorError, match="family_weights must be 6 non-negative ints"):
+            ShapeEditConfig(family_weights=bad)

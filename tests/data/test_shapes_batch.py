@@ -132,3 +132,11 @@ def test_scene_stream_is_the_same_for_any_number_of_workers(num_workers):
     renderer = ShapeEditBatchRenderer(SMALL)
     rendered = renderer.render_scenes(batches[1])
     assert torch.equal(rendered.source, renderer.render(example_seeds(5, 1, 4, 4, 1, 2)).source)
+
+
+def test_batched_draw_follows_the_family_weights_as_the_reference_does():
+    config = ShapeEditConfig(family_weights=(2, 0, 0, 0, 0, 1))
+    seeds = list(range(9))
+    batch = ShapeEditBatchRenderer(config, "cpu").render(seeds)
+    assert batch.families == [config.family_of(s) for s in seeds] == ["swap", "swap", "motion"] * 3
+    assert batch.instructions == [generate_example(s, "train", config=config).instruction for s in seeds]

@@ -207,8 +207,18 @@ class ShapeEditConfig:
     max_objects: int = 3
     min_speed: float = 0.04  # pixels per frame, as a fraction of min(H, W)
     max_speed: float = 0.09
+    # Relative share of each edit family (FAMILIES order) among seeds drawn without a family: family
+    # f takes family_weights[f] consecutive places in a cycle of sum(family_weights) seeds. The
+    # default, one each, is FAMILIES[seed % 6].
+    family_weights: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
 
     def __post_init__(self):
+        weights = tuple(self.family_weights)
+        if len(weights) != len(FAMILIES) or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in weights) \
+                or not sum(weights):
+            raise InvalidArgumentError(f"ShapeEditConfig.family_weights must be {len(FAMILIES)} non-negative ints "
+                                       f"({', '.join(FAMILIES)}), not all 0; got {self.family_weights!r}")
+        object.__setattr__(self, "family_weights", weights)  # a list from a config file becomes a tuple
         for name in ("frames", "height", "width", "min_objects", "max_objects"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -222,6 +232,15 @@ class ShapeEditConfig:
             raise InvalidArgumentError("ShapeEditConfig.min_objects must be <= max_objects")
         if not 0 <= self.min_speed <= self.max_speed:
             raise InvalidArgumentError("ShapeEditConfig needs 0 <= min_speed <= max_speed")
+
+    def family_of(self, seed: int) -> str:
+        """The edit family of a seed drawn without one (see family_weights)."""
+        place = seed % sum(self.family_weights)
+        for family, weight in zip(FAMILIES, self.family_weights):
+            if place < weight:
+                return family
+            place -= weight
+        raise AssertionError("unreachable: place < sum(family_weights)")
 
 
 @dataclass
@@ -540,7 +559,8 @@ class EditCandidates:
     The one place where a seed becomes scene parameters, shared by `generate_example` and the
     batched renderer (`liveditor.data.shapes_batch`), so both draw identical scenes. Picklable
     (it holds a numpy Generator), so a DataLoader worker can draw and a renderer continue.
-    ``family=None`` takes ``FAMILIES[seed % 6]`` so consecutive seeds cycle through the families.
+    ``family=None`` takes ``config.family_of(seed)`` (by default ``FAMILIES[seed % 6]``), so
+    consecutive seeds cycle through the families.
     """
 
     def __init__(self, seed: int, split: str = "train", family: str | None = None, config: ShapeEditConfig | None = None):
@@ -549,12 +569,13 @@ class EditCandidates:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         seed = int(seed)
+        config = ShapeEditConfig() if config is None else config
         if family is None:
-            family = FAMILIES[seed % len(FAMILIES)]
+            family = config.family_of(seed)
         elif family not in FAMILIES:
             raise ValueError(f"unknown edit family {family!r}; known: {', '.join(FAMILIES)}")
         self.seed, self.split, self.family = seed, split, family
-        self.config = ShapeEditConfig() if config is None else config
+        self.config = config
         self.attempts = 0  # candidates drawn so far
         self._rng = np.random.default_rng(
             np.random.SeedSequence([SPLITS.index(split), 0x5EED, seed, FAMILIES.index(family)])
@@ -595,7 +616,7 @@ def generate_example(
 ) -> ShapeEditExample:
     """The ShapeEdit example number ``seed`` of ``split``; deterministic.
 
-    ``family=None`` takes ``FAMILIES[seed % 6]`` so consecutive seeds cycle through the families.
+    ``family=None`` takes ``config.family_of(seed)`` (by default ``FAMILIES[seed % 6]``).
     """
     candidates = EditCandidates(seed, split, family, config)
     config = candidates.config

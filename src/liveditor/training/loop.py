@@ -114,7 +114,8 @@ def build_components(config: TrainConfig, latents_mean=None, latents_std=None):
 def _shapeedit_config(config: TrainConfig):
     from ..data.shapes import ShapeEditConfig
 
-    return ShapeEditConfig(frames=config.data.frames, height=config.data.height, width=config.data.width)
+    return ShapeEditConfig(frames=config.data.frames, height=config.data.height, width=config.data.width,
+                           family_weights=tuple(config.data.family_weights))
 
 
 _MASK64 = (1 << 64) - 1

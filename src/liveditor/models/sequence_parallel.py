@@ -66,7 +66,17 @@ class SequenceShard:
 
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """All ranks' shards of `x` concatenated along `dim`, in rank order."""
-        return _wait(funcol.all_gather_tensor_autograd(x.contiguous(), dim, self.group))
+        return all_gather(x, dim, self.group)
+
+
+# torch 2.13 renamed all_gather_tensor_autograd to all_gather_single_autograd (the old name warns);
+# torch 2.4-2.12 have only the old name.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's `x` of `group` concatenated along `dim`, in rank order (differentiable)."""
+    return _wait(_all_gather_autograd(x.contiguous(), dim, group))
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:

@@ -128,13 +128,10 @@ def guided_flow(predict, prompt_embeds, negative_prompt_embeds, guidance_scale: 
         flow = predict(prompt_embeds)
         flow_uncond = predict(negative_prompt_embeds)
     else:
-        import torch.distributed._functional_collectives as funcol
+        from ..models.sequence_parallel import all_gather
 
         mine = predict(prompt_embeds if layout.cfg_rank == 0 else negative_prompt_embeds)
-        gathered = funcol.all_gather_tensor_autograd(mine.contiguous(), 0, layout.cfg_group)
-        if isinstance(gathered, funcol.AsyncCollectiveTensor):
-            gathered = funcol.wait_tensor(gathered)
-        flow, flow_uncond = gathered.chunk(2, dim=0)
+        flow, flow_uncond = all_gather(mine, 0, layout.cfg_group).chunk(2, dim=0)
     return flow_uncond + guidance_scale * (flow - flow_uncond)
 
 

@@ -79,9 +79,8 @@ def fp8_config():
 def enable_fp8(transformer: nn.Module) -> list[str]:
     """Convert the transformer's block linears (`fp8_linear_names`) to FP8 in place; returns their
     names. The transformer must be on its (FP8-capable) CUDA device. Compile after converting."""
+    check_fp8_device(next(transformer.parameters()).device)  # first: torchao would not help a GPU without FP8
     torchao = require("torchao")
-    device = next(transformer.parameters()).device
-    check_fp8_device(device)
     names = fp8_linear_names(transformer)
     torchao.quantization.quantize_(transformer, fp8_config(), filter_fn=is_fp8_linear)
     return names

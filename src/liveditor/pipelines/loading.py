@@ -138,9 +138,9 @@ def load_pipeline(
         raise LIVEditorError("--fp8 cannot be combined with --offload")
     if offload and device.type != "cuda":
         raise LIVEditorError("--offload needs a CUDA device")
-    if fp8:
-        require("torchao")
+    if fp8:  # the device first: installing torchao would not help a GPU without FP8
         check_fp8_device(device)
+        require("torchao")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     _import_own_component_modules(path)

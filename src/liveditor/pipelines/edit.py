@@ -282,6 +282,12 @@ def run_edit(
                                  f"must divide the model's {heads} attention heads; choose --gpus or --ulysses so")
         layout = ParallelLayout.create(cfg_degree, ulysses)
         pipe.enable_parallel(layout)
+        if not layout.is_main:
+            # Only the first rank encodes the prompt: the others free the text encoder (umT5-XXL:
+            # about 11 GB of GPU memory for LIVEditor-14B).
+            pipe.register_modules(text_encoder=None)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     transformer = pipe.transformer
     if attention is not None:
         transformer.set_attention_mode(attention)

@@ -24,23 +24,30 @@ a small fp32 model, the guided flow of every layout the world allows with the on
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import platform
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-from liveditor.isa import ISAConfig
-from liveditor.models import LIVEditorTransformer3DModel
 from liveditor.pipelines.parallel import ParallelLayout, guided_flow, init_distributed, launched_by_torchrun
+from transformer_step import (
+    SDPA_BACKENDS,
+    add_shape_arguments,
+    build_model,
+    fastest,
+    run_metadata,
+    sdpa_times,
+    segment_tokens,
+    step_dtype,
+    step_inputs,
+    sync,
+    video_latent,
+)
 
 GUIDANCE = 2.5
 # name -> (GPUs, CFG degree, Ulysses degree, attention mode)
@@ -55,14 +62,8 @@ CELLS = {
     "4gpu-ulysses-dense": (4, 1, 4, "dense"),
     "4gpu-ulysses-isa": (4, 1, 4, "isa"),
 }
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 CHECK_PRESET, CHECK_LATENT = "liveditor-small", (5, 32, 32)  # 1,280 tokens per segment, 20 ISA blocks
 CHECK_TOLERANCE = 1e-4  # max |difference| relative to max |one-process flow|, fp32
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _log(*parts):
@@ -70,33 +71,14 @@ def _log(*parts):
         print(*parts, flush=True)
 
 
-def build_model(preset, dtype, device, seed):
-    """The preset's transformer with seeded random weights made directly on `device` in `dtype`,
-    then rank 0's parameters broadcast, so every rank holds the same model (buffers are not random)."""
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LIVEditorTransformer3DModel.from_preset(preset)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.eval().requires_grad_(False)
+def build_shared_model(preset, dtype, device, seed):
+    """The preset's random model on every rank, rank 0's parameters broadcast so that all ranks hold
+    the same weights (buffers are not random)."""
+    model = build_model(preset, dtype, device, seed)
     if dist.get_world_size() > 1:
         for parameter in model.parameters():
             dist.broadcast(parameter.data, src=0)
     return model
-
-
-def make_inputs(model, latent_frames, latent_h, latent_w, text_tokens, dtype, device, seed):
-    cfg = model.config
-    g = torch.Generator(device=device).manual_seed(seed)
-    shape = (1, cfg.in_channels, latent_frames, latent_h, latent_w)
-    latents = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    context = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    text = torch.randn(1, text_tokens, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    negative = torch.randn(1, text_tokens, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    return latents, context, text, negative, torch.tensor([900.0], device=device)
 
 
 def guided_step(model, inputs, mode, layout):
@@ -117,22 +99,8 @@ def fastest_sdpa(model, tokens, dtype, device, choice):
         return choice
     box = [None]
     if dist.get_rank() == 0:
-        heads, head_dim = model.config.num_attention_heads, model.config.attention_head_dim
-        q, k, v = (torch.randn(1, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
-        times = {}
-        for name in ("flash", "cudnn"):
-            try:
-                with sdpa_kernel([SDPA_BACKENDS[name]]):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    _sync(device)
-                    start = time.perf_counter()
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    _sync(device)
-                    times[name] = time.perf_counter() - start
-            except RuntimeError as exc:
-                print(f"SDPA backend {name} unavailable: {str(exc).splitlines()[0]}", flush=True)
-        del q, k, v
-        box[0] = min(times, key=times.get)
+        cfg = model.config
+        box[0] = fastest(sdpa_times(cfg.num_attention_heads, tokens, cfg.attention_head_dim, dtype, device))
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -149,13 +117,13 @@ def run_cell(name, model, inputs, layout, warmup, steps, device, sdpa):
         with sdpa_kernel([SDPA_BACKENDS[sdpa]]):
             for _ in range(warmup):
                 guided_step(model, inputs, mode, layout)
-            _sync(device)
+            sync(device)
             if len(layout.ranks) > 1:
                 dist.barrier(group=layout.group)
             start = time.perf_counter()
             for _ in range(steps):
                 flow = guided_step(model, inputs, mode, layout)
-            _sync(device)
+            sync(device)
             seconds = (time.perf_counter() - start) / steps
         row = dict(seconds_per_step=seconds, finite=bool(torch.isfinite(flow).all()),
                    peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
@@ -176,8 +144,8 @@ def correctness_check(layouts, device):
     if device.type == "cuda":  # exact fp32 matmuls: the comparison is about sharding, not TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model = build_model(CHECK_PRESET, torch.float32, device, seed=1)
-    inputs = make_inputs(model, *CHECK_LATENT, 16, torch.float32, device, seed=2)
+    model = build_shared_model(CHECK_PRESET, torch.float32, device, seed=1)
+    inputs = step_inputs(model.config, CHECK_LATENT, 16, torch.float32, device, seed=2)
     reference = {}
     if dist.get_rank() == 0:
         reference = {mode: guided_step(model, inputs, mode, None) for mode in ("isa", "dense")}
@@ -207,36 +175,15 @@ def correctness_check(layouts, device):
     return results
 
 
-def _versions():
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return torch.__version__, triton_version, commit
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="liveditor-14b")
-    parser.add_argument("--height", type=int, default=544)
-    parser.add_argument("--width", type=int, default=960)
-    parser.add_argument("--frames", type=int, default=61)
-    parser.add_argument("--text-tokens", type=int, default=512)
+    add_shape_arguments(parser)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (kernel compilation)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per cell")
     parser.add_argument("--cells", nargs="+", default=None, choices=[*CELLS, "none"],
                         help="default: every cell the world has GPUs for; none: only --check")
     parser.add_argument("--check", action="store_true", help="first compare every layout with one process (fp32)")
     parser.add_argument("--sdpa", choices=("auto", "flash", "cudnn"), default="auto", help="dense attention backend")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
@@ -248,7 +195,7 @@ def main(argv=None):
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rank, world = init_distributed("nccl" if device_type == "cuda" else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
+    dtype = step_dtype(args, device)
     names = [n for n in CELLS if CELLS[n][0] <= world] if args.cells is None else [n for n in args.cells if n != "none"]
     too_big = [n for n in names if CELLS[n][0] > world]
     if too_big:
@@ -269,12 +216,10 @@ def main(argv=None):
     rows = []
     if names:
         begin = time.perf_counter()
-        model = build_model(args.preset, dtype, device, args.seed)
-        cfg = model.config
-        latent = ((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-        grid = (latent[0] // cfg.patch_size[0], latent[1] // cfg.patch_size[1], latent[2] // cfg.patch_size[2])
-        tokens_per_segment = math.prod(grid)
-        inputs = make_inputs(model, *latent, args.text_tokens, dtype, device, args.seed)
+        model = build_shared_model(args.preset, dtype, device, args.seed)
+        latent = video_latent(args)
+        tokens_per_segment = segment_tokens(model.config, latent)
+        inputs = step_inputs(model.config, latent, args.text_tokens, dtype, device, args.seed)
         sdpa = fastest_sdpa(model, 2 * tokens_per_segment, dtype, device, args.sdpa)
         _log(f"model {args.preset} ({dtype}) on every rank in {time.perf_counter() - begin:.1f} s; "
              f"{2 * tokens_per_segment} tokens; dense SDPA backend: {sdpa}")
@@ -295,16 +240,11 @@ def main(argv=None):
         tokens_per_segment, latent = None, None
 
     if rank == 0:
-        torch_version, triton_version, commit = _versions()
         isa_config = dict(model.isa_config.__dict__) if names else None
         result = dict(
             benchmark="bench_parallel",
-            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            commit=commit,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            **run_metadata(device),
             world_size=world,
-            torch=torch_version,
-            triton=triton_version,
             preset=args.preset,
             dtype=str(dtype).replace("torch.", ""),
             video=f"{args.height}x{args.width}x{args.frames}",

@@ -21,7 +21,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from liveditor.training import build_components, load_config

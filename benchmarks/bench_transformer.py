@@ -23,18 +23,14 @@ whole step. Cells that need CUDA are skipped on the CPU with a one-line note.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import math
-import platform
-import subprocess
 import time
 import traceback
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from liveditor.errors import LIVEditorError, require
 from liveditor.isa import ISAConfig, isa_attention
@@ -50,101 +46,43 @@ from liveditor.pipelines.acceleration import (
     linear_errors,
     relative_l2,
 )
+from transformer_step import (
+    SDPA_BACKENDS,
+    add_shape_arguments,
+    build_model,
+    fastest,
+    run_metadata,
+    sdpa_times,
+    segment_tokens,
+    step_dtype,
+    step_inputs,
+    sync,
+    timed,
+    video_latent,
+)
 
 CELLS = ("dense", "isa", "isa+compile", "isa+compile+fp8", "isa+group-offload")
 # A cell measured on a model that an earlier cell prepared: FP8 converts the compiled model and
 # compares its linears on the inputs sampled during the ISA cell.
 CELL_NEEDS = {"isa+compile+fp8": ("isa", "isa+compile")}
 
-SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
+def make_inputs(cfg, args, device, dtype):
+    """Latent shape, tokens per segment and the step's inputs at the benchmark's video size."""
+    latent = video_latent(args)
+    return (1, cfg.in_channels, *latent), segment_tokens(cfg, latent), step_inputs(
+        cfg, latent, args.text_tokens, dtype, device, args.seed)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats=1):
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def fastest_sdpa_backend(heads, tokens, head_dim, dtype, device):
-    """Time each SDPA backend on one self-attention call of the benchmark's shape."""
-    q, k, v = (torch.randn(1, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
-    candidates = ["flash", "cudnn"] if device.type == "cuda" else ["math"]
-    times = {}
-    for name in candidates:
-        try:
-            with sdpa_kernel([SDPA_BACKENDS[name]]):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)  # warm-up
-                times[name] = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, 2)
-        except RuntimeError as exc:
-            times[name] = None
-            print(f"SDPA backend {name} unavailable: {str(exc).splitlines()[0]}")
-    usable = {k: t for k, t in times.items() if t is not None}
-    best = min(usable, key=usable.get)
+def attention_op_times(cfg, tokens: int, dtype, device) -> tuple[str, dict, float]:
+    """The fastest SDPA backend on one self-attention call of the step's shape, every backend's
+    seconds, and ISA's seconds on the same call (paper defaults)."""
+    times = sdpa_times(cfg.num_attention_heads, tokens, cfg.attention_head_dim, dtype, device)
+    q, k, v = (torch.randn(1, cfg.num_attention_heads, tokens, cfg.attention_head_dim, dtype=dtype, device=device)
+               for _ in range(3))
     isa_cfg = ISAConfig()
     isa_attention(q, k, v, tokens // 2, isa_cfg)  # warm-up / kernel compilation
-    isa_time = _time(lambda: isa_attention(q, k, v, tokens // 2, isa_cfg), device, 2)
-    del q, k, v
-    return best, times, isa_time
-
-
-def build_model(preset, dtype, device, seed):
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # create weights directly in the target dtype (14B fits only so)
-    try:
-        with torch.device(device):
-            model = LIVEditorTransformer3DModel.from_preset(preset)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
-
-
-def make_inputs(cfg, args, device, dtype):
-    """Latent shape, tokens per segment and the step's inputs (noisy latent, context latent, text
-    and negative-text embeddings, timestep) at the benchmark's video size."""
-    latent_shape = (1, cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    grid = (latent_shape[2] // cfg.patch_size[0], latent_shape[3] // cfg.patch_size[1], latent_shape[4] // cfg.patch_size[2])
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    latents = torch.randn(latent_shape, generator=g, device=device, dtype=dtype)
-    context = torch.randn(latent_shape, generator=g, device=device, dtype=dtype)
-    text = torch.randn(1, args.text_tokens, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    negative = torch.randn(1, args.text_tokens, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    timestep = torch.tensor([900.0], device=device)
-    return latent_shape, math.prod(grid), (latents, context, text, negative, timestep)
-
-
-def run_metadata(device) -> dict:
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        commit=commit,
-        device=device_name,
-        torch=torch.__version__,
-        triton=triton_version,
-    )
+    isa_time = timed(lambda: isa_attention(q, k, v, tokens // 2, isa_cfg), device, 2)
+    return fastest(times), times, isa_time
 
 
 def parse_cells(parser, text):
@@ -189,12 +127,12 @@ def measure_cell(step, device, warmup, steps, before_first=None):
     warmup_seconds = []
     for i in range(warmup):
         first = i == 0 and before_first is not None
-        warmup_seconds.append(_time(lambda: before_first(step) if first else step(), device))
-    _sync(device)
+        warmup_seconds.append(timed(lambda: before_first(step) if first else step(), device))
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         prediction = step()
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     return dict(seconds_per_step=seconds, warmup_seconds=warmup_seconds, peak_memory_gib=_peak_gib(device),
                 output_finite=bool(torch.isfinite(prediction).all())), prediction
@@ -286,8 +224,8 @@ def run_cells(args, cells, device, dtype):
     def dense_cell():
         best_sdpa = "math"
         if device.type == "cuda":
-            best_sdpa, _, _ = fastest_sdpa_backend(
-                cfg.num_attention_heads, 2 * tokens_per_segment, cfg.attention_head_dim, dtype, device)
+            best_sdpa = fastest(sdpa_times(cfg.num_attention_heads, 2 * tokens_per_segment,
+                                           cfg.attention_head_dim, dtype, device))
             extra["dense_sdpa_backend"] = best_sdpa
         model.set_attention_mode("dense")
         try:
@@ -428,25 +366,18 @@ def run_cells(args, cells, device, dtype):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="liveditor-14b")
-    parser.add_argument("--height", type=int, default=544)
-    parser.add_argument("--width", type=int, default=960)
-    parser.add_argument("--frames", type=int, default=61)
-    parser.add_argument("--text-tokens", type=int, default=512)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed denoising steps per mode (default 1; 2 with --cells)")
     parser.add_argument("--cells", nargs="?", const="all", default=None,
                         help="measure single-GPU cells instead: 'all' or a comma list of " + ", ".join(CELLS))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each cell's timed steps (--cells)")
     parser.add_argument("--fp8-rows", type=int, default=256,
                         help="tokens per linear on which the FP8 layer error is measured (--cells)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = step_dtype(args, device)
     if args.cells is not None:
         return run_cells(args, parse_cells(parser, args.cells), device, dtype)
     args.steps = args.steps or 1
@@ -454,11 +385,9 @@ def main(argv=None):
     cfg = model.config
     latent_shape, tokens_per_segment, (latents, context, text, negative, timestep) = make_inputs(cfg, args, device, dtype)
 
-    best_sdpa, sdpa_times, isa_op_time = fastest_sdpa_backend(
-        cfg.num_attention_heads, 2 * tokens_per_segment, cfg.attention_head_dim, dtype, device
-    )
+    best_sdpa, op_times, isa_op_time = attention_op_times(cfg, 2 * tokens_per_segment, dtype, device)
     print(f"attention op alone ({2 * tokens_per_segment} tokens): "
-          + ", ".join(f"{k} {v:.4f}s" for k, v in sdpa_times.items() if v is not None)
+          + ", ".join(f"{k} {v:.4f}s" for k, v in op_times.items() if v is not None)
           + f", isa {isa_op_time:.4f}s", flush=True)
 
     def step():
@@ -472,15 +401,15 @@ def main(argv=None):
         model.set_attention_mode(mode)
         with sdpa_kernel([SDPA_BACKENDS[best_sdpa]]):
             if mode == "isa":  # compiles the Triton kernels at this shape; SDPA was warmed above
-                warm_s = _time(lambda: model(latents, timestep, text, context, return_dict=False), device)
+                warm_s = timed(lambda: model(latents, timestep, text, context, return_dict=False), device)
                 print(f"isa warm-up forward (kernel compilation included): {warm_s:.2f} s", flush=True)
             timer.reset()
             timer.enabled = True
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 prediction = step()
-            _sync(device)
+            sync(device)
             seconds = (time.perf_counter() - start) / args.steps
             timer.enabled = False
             finite = bool(torch.isfinite(prediction).all())
@@ -505,8 +434,8 @@ def main(argv=None):
         text_tokens=args.text_tokens,
         isa_config=dict(ISAConfig().__dict__),
         dense_sdpa_backend=best_sdpa,
-        attention_op_seconds={**{f"sdpa_{k}": v for k, v in sdpa_times.items()}, "isa": isa_op_time},
-        attention_op_speedup=sdpa_times[best_sdpa] / isa_op_time,
+        attention_op_seconds={**{f"sdpa_{k}": v for k, v in op_times.items()}, "isa": isa_op_time},
+        attention_op_speedup=op_times[best_sdpa] / isa_op_time,
         rows=rows,
         step_speedup=speedup,
         peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from ..atomic import old_copy, publish_directory
@@ -514,8 +515,6 @@ class AgreedClock:
     the largest."""
 
     def __init__(self, processes: int, train_time_s: float):
-        import torch.distributed as dist
-
         self.group = dist.new_group(backend="gloo") if processes > 1 else None
         self.train_time_s = train_time_s
         self.session_s = 0.0
@@ -524,8 +523,6 @@ class AgreedClock:
         """Add one step's time (this process's) and set the session time, then agree."""
         values = torch.tensor([self.train_time_s + step_s, session_s], dtype=torch.float64)
         if self.group is not None:
-            import torch.distributed as dist
-
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
         self.train_time_s, self.session_s = values.tolist()
 

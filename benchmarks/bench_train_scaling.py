@@ -85,13 +85,17 @@ def main() -> None:
     if sorted(args.processes)[0] < 1:
         raise SystemExit("--processes must be >= 1")
 
+    import torch
+
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train_scaling_") as workdir:
-        rows = [run_count(n, args, Path(workdir)) for n in args.processes]
+        for n in args.processes:
+            rows.append(run_count(n, args, Path(workdir)))
+            # A count's figures as soon as it ends: a run stopped by a time limit keeps them.
+            print(f"{n} process(es): {rows[-1]['clips_per_s']:.0f} clips/s over {rows[-1]['windows']} windows", flush=True)
     base = next((r["clips_per_s"] for r in rows if r["processes"] == 1), None)
     for row in rows:
         row["scaling_vs_1"] = row["clips_per_s"] / base if base else None
-
-    import torch
 
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

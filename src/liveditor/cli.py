@@ -356,6 +356,8 @@ def _add_eval(subparsers) -> None:
     b.add_argument("--guidance", type=_float_in(), default=None, help="text CFG scale (default: the model's)")
     b.add_argument("--seed", type=_int_at_least(0), default=0, help="noise seed, the same for every clip and mode")
     b.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    b.add_argument("--fp8", action="store_true",
+                   help="FP8 linear layers in the transformer blocks (torchao; CUDA, compute capability 8.9+)")
     b.add_argument("--json", dest="json_path", default=None, help="also write all per-clip scores as JSON")
 
     def handler(args):
@@ -365,7 +367,7 @@ def _add_eval(subparsers) -> None:
         from .pipelines.loading import load_pipeline, resolve_device
 
         device = resolve_device(args.device)
-        pipe = load_pipeline(args.model, device=device)
+        pipe = load_pipeline(args.model, device=device, fp8=args.fp8)
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole benchmark
         height, width = pipe.resolution_buckets[0]
         steps, guidance = pipe.sampling_settings(args.steps, args.guidance)
@@ -377,7 +379,7 @@ def _add_eval(subparsers) -> None:
             config=ShapeEditConfig(height=height, width=width),
         )
         result["settings"].update(model=str(args.model or "bundled tiny model"), device=str(device), steps=steps,
-                                  guidance=guidance, seed=args.seed)
+                                  guidance=guidance, seed=args.seed, fp8=args.fp8)
         print(format_summary(result))
         if args.json_path:
             write_json(args.json_path, result)

@@ -32,6 +32,9 @@ def test_eval_shapeedit_cli(model_folder, tmp_path, capsys):
     result = json.loads(path.read_text())
     assert len(result["clips"]) == 2 and set(result["clips"][0]) >= {"isa", "dense", "isa_vs_dense_psnr"}
     assert main(["eval", "shapeedit", "--model", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    assert main(["eval", "shapeedit", "--model", str(model_folder), "--device", "cpu", "--fp8"]) == 2
+    assert "--fp8 needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_record_activations_cli(model_folder, tmp_path, capsys):

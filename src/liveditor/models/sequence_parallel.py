@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class SequenceShard:
@@ -36,12 +38,12 @@ class SequenceShard:
         return SequenceShard(group, dist.get_rank(group), dist.get_world_size(group))
 
     def check(self, num_heads: int, num_tokens: int | None = None) -> None:
-        """One-line errors for layouts Ulysses cannot shard."""
+        """One-line errors (InvalidArgumentError, a ValueError) for layouts Ulysses cannot shard."""
         if num_heads % self.degree:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Ulysses degree {self.degree} must divide the {num_heads} attention heads")
         if num_tokens is not None and num_tokens % self.degree:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Ulysses degree {self.degree} must divide the {num_tokens} tokens of the [source | context] "
                 f"sequence (change the frame count or size)")
 

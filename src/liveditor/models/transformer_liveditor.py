@@ -190,7 +190,7 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
         self.gradient_checkpointing = False
-        self._sequence_group = None
+        self._sequence_shard = None  # this rank's SequenceShard under Ulysses (enable_sequence_parallel)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LIVEditorTransformer3DModel":
@@ -228,9 +228,10 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         group; None turns it off). Every rank of the group calls forward with the same inputs and
         gets the same output; each holds 1/degree of the tokens through the blocks and attends on
         1/degree of the heads (`liveditor.models.sequence_parallel`)."""
-        if group is not None:
-            SequenceShard.of(group).check(self.config.num_attention_heads)
-        self._sequence_group = group
+        shard = None if group is None else SequenceShard.of(group)
+        if shard is not None:
+            shard.check(self.config.num_attention_heads)
+        self._sequence_shard = shard if shard is not None and shard.degree > 1 else None
 
     # ----- forward --------------------------------------------------------------------------
 
@@ -281,14 +282,12 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
 
-        shard = None if self._sequence_group is None else SequenceShard.of(self._sequence_group)
-        if shard is not None and shard.degree > 1:
+        shard = self._sequence_shard
+        if shard is not None:
             # Each rank keeps a contiguous shard of the tokens, with the RoPE of their own positions.
             shard.check(self.config.num_attention_heads, tokens.shape[1])
             tokens = shard.local(tokens)
             rotary_emb = tuple(shard.local(x) for x in rotary_emb)
-        else:
-            shard = None
         call = self._self_attention_call(num_source, grid, attention_kwargs, shard)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -9,6 +9,10 @@ dense-equivalent rates).
 
     python benchmarks/bench_train.py --json bench_train.json
     python benchmarks/bench_train.py --batch-sizes 2 --compile off --steps 2 --warmup 1 --device cpu   # smoke test
+
+`--profile-steps K` also runs K steps under `torch.profiler` per row and reports where a step's
+device time goes (matmul, attention, Inductor-fused elementwise, optimizer, communication, other),
+kernels launched per step and the top kernels: what to attack when the step is the limit.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from liveditor.training import build_components, load_config
 from liveditor.data.shapes_batch import example_seeds
+from liveditor.data.shards import ShapeEditDataset
+from liveditor.training import build_components, load_config
 from liveditor.training.loop import (
-    ProceduralClips,
+    ENDLESS,
     TrainStep,
     _batches,
     _shapeedit_config,
@@ -48,8 +53,8 @@ def render_pool(config, clips: int, workers: int) -> list[dict]:
     from torch.utils.data import DataLoader
 
     seeds = example_seeds(config.train.seed, 0, 0, clips)
-    loader = DataLoader(ProceduralClips(_shapeedit_config(config)), sampler=seeds, batch_size=None,
-                        num_workers=workers)
+    loader = DataLoader(ShapeEditDataset(ENDLESS, "train", config=_shapeedit_config(config)), sampler=seeds,
+                        batch_size=None, num_workers=workers)
     return list(loader)
 
 
@@ -59,7 +64,55 @@ def batch_of(pool: list[dict], start: int, size: int) -> dict:
             "instruction": [x["instruction"] for x in items]}
 
 
-def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict:
+KERNEL_CATEGORIES = (  # first match wins; names of CUDA kernels (or CPU aten ops on a CPU run)
+    # ISA's Triton kernels (liveditor.isa.triton_pool / triton_sparse) and the dense SDPA backends
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "_fwd_kernel", "_bwd_", "_pool_kernel", "_move_")),
+    ("matmul", ("gemm", "matmul", "aten::mm", "aten::bmm", "aten::addmm", "cutlass", "xmma", "nvjet", "sm90",
+                "triton_tem")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl", "allreduce", "all_reduce")),
+    ("fused elementwise (Inductor)", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+
+
+def profile_step(step_fn, batches, steps: int, device) -> dict:
+    """Device time per optimizer step by kernel category, kernels per step and the top kernels
+    (on a CPU run: CPU time of the aten ops)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            loss = step_fn([batches[i % len(batches)]], 1e-4)
+        loss.item()
+        _sync(device)
+    if cuda:
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                  if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+    by_category: dict[str, float] = {}
+    for name, micros, _ in events:
+        category = kernel_category(name)
+        by_category[category] = by_category.get(category, 0.0) + micros / 1e3 / steps
+    top = sorted(events, key=lambda e: -e[1])[:12]
+    return {
+        "ms_per_step": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "kernels_per_step": sum(count for _, _, count in events) / steps,
+        "top": [{"name": name[:120], "ms_per_step": micros / 1e3 / steps, "calls_per_step": count / steps}
+                for name, micros, count in top],
+    }
+
+
+def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile_steps: int = 0) -> dict:
     """Seconds per optimizer step of a fresh model with this config (after `warmup` steps)."""
     device = accelerator.device
     if device.type == "cuda":
@@ -83,9 +136,12 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int) -> dict
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    result = {"step_s": seconds, "warmup_s": first, "loss": float(loss), "peak_gib": peak}
+    if profile_steps > 0:
+        result["profile"] = profile_step(step_fn, batches, profile_steps, device)
     del step_fn, transformer, text_encoder
     accelerator.free_memory()
-    return {"step_s": seconds, "warmup_s": first, "loss": float(loss), "peak_gib": peak}
+    return result
 
 
 def time_loader(config, seconds: float) -> dict:
@@ -111,6 +167,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--loader-seconds", type=float, default=10.0, help="0 skips the data loader timing")
     parser.add_argument("--pool", type=int, default=512, help="pre-rendered clips the steps cycle through")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="also profile this many steps per row: device time by kernel category")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
@@ -133,7 +191,7 @@ def main(argv=None) -> dict:
                     f"train.batch_size={batch}"])
                 row = {"attention": attention, "compile": compiled, "batch": batch}
                 try:
-                    row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup))
+                    row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup, args.profile_steps))
                     row["clips_per_s"] = batch / row["step_s"]
                     row["tflop_per_s"] = row["clips_per_s"] * flops / 1e12
                 except torch.OutOfMemoryError:
@@ -180,6 +238,13 @@ def main(argv=None) -> dict:
         else:
             print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['clips_per_s']:.0f} | {r['tflop_per_s']:.1f} "
                   f"| {1e3 * r['step_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.1f} |")
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            parts = ", ".join(f"{category} {ms:.1f}" for category, ms in prof["ms_per_step"].items())
+            print(f"{r['attention']} / compile {r['compile']} / batch {r['batch']}: ms per step by kind: {parts}; "
+                  f"{prof['kernels_per_step']:.0f} kernels per step; top: "
+                  + "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.1f} ms" for t in prof["top"][:5]))
     for row in loader or []:
         print(f"data loader ({row['renderer']} renderer): {row['clips_per_s']:.0f} clips/s with {row['workers']} worker processes")
     if args.json_path:

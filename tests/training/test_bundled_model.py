@@ -53,6 +53,18 @@ def test_bundled_architecture_matches_the_shipped_config():
     assert all(shipped[k].shape == ours[k].shape for k in ours)
 
 
+def test_bundled_sampling_defaults_are_the_recipes():
+    # The benchmarked settings (guidance 2: docs/benchmarks.md) are what `liveditor edit` uses, and
+    # a stage trained from the recipe exports the same.
+    from liveditor.training import load_config
+
+    export = load_config(REPO / "configs" / "tiny-shapeedit.toml").export
+    index = json.loads((default_model_path() / "model_index.json").read_text())
+    assert (index["default_num_inference_steps"], index["default_guidance_scale"]) == (
+        export.num_inference_steps, export.guidance_scale)
+    assert index["default_guidance_scale"] > 1.0  # CFG on: the instruction-dropout training supports it
+
+
 @pytest.fixture(scope="module")
 def bundled():
     pipe = load_pipeline()

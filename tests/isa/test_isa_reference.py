@@ -230,7 +230,7 @@ def loop_isa(q, k, v, L_src, config, gate=None):
 
 @pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("sharpness", ["energy", "topk"])
-@pytest.mark.parametrize("L_src,L_ctx", [(45, 61), (64, 0), (70, 20)])
+@pytest.mark.parametrize("L_src,L_ctx", [(45, 61), (64, 0), (70, 20), (64, 40)])  # (64, 40): whole blocks, no masks
 def test_matches_independent_loop_implementation(sharpness, L_src, L_ctx, seed):
     config = ISAConfig(block_size=8, select_ratio=0.4, full_ratio=0.4, exact_ratio=0.25, sharpness=sharpness)
     q, k, v = qkv(2, 2, L_src + L_ctx, 16, torch.float64, seed=seed)

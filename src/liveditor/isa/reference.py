@@ -91,7 +91,7 @@ def _exact_chunk(q_chunk, keys, values, key_valid, scale):
     queries = q_chunk.reshape(B, H, c * b, D).to(keys.dtype)
     if values.dtype == keys.dtype:
         # fp32/fp64 inputs: the probabilities need no rounding before the product, so SDPA computes
-        # the same function in one fused call (on a CPU it halves the exact group's time).
+        # the same function in one fused call (faster on a CPU: docs/benchmarks.md, CPU edit time).
         mask = None if key_valid is None else key_valid[:, :, None, :]
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale).reshape(B, H, c, b, D)
     logits = (queries @ keys.transpose(-1, -2)) * scale

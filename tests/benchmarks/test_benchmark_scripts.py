@@ -26,8 +26,12 @@ def test_benchmark_script_imports(path, monkeypatch):
     assert path.stem == "transformer_step" or callable(getattr(module, "main", None))
 
 
-def test_bench_train_times_and_profiles_a_cpu_step(tmp_path):
-    bench_train = load_script(REPO / "benchmarks" / "bench_train.py")
+@pytest.fixture(scope="module")
+def bench_train():
+    return load_script(REPO / "benchmarks" / "bench_train.py")
+
+
+def test_bench_train_times_and_profiles_a_cpu_step(bench_train, tmp_path):
     out = tmp_path / "bench_train.json"
     result = bench_train.main([
         "--config", str(REPO / "configs" / "tiny-shapeedit-cpu.toml"), "--device", "cpu",
@@ -53,6 +57,5 @@ def test_bench_train_times_and_profiles_a_cpu_step(tmp_path):
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
     ("aten::copy_", "other"),
 ])
-def test_kernel_categories(name, category):
-    bench_train = load_script(REPO / "benchmarks" / "bench_train.py")
+def test_kernel_categories(bench_train, name, category):
     assert bench_train.kernel_category(name) == category

@@ -228,10 +228,12 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         group; None turns it off). Every rank of the group calls forward with the same inputs and
         gets the same output; each holds 1/degree of the tokens through the blocks and attends on
         1/degree of the heads (`liveditor.models.sequence_parallel`)."""
-        shard = None if group is None else SequenceShard.of(group)
-        if shard is not None:
+        self._sequence_shard = None
+        if group is not None:
+            shard = SequenceShard.of(group)
             shard.check(self.config.num_attention_heads)
-        self._sequence_shard = shard if shard is not None and shard.degree > 1 else None
+            if shard.degree > 1:  # a group of one rank is plain single-process attention
+                self._sequence_shard = shard
 
     # ----- forward --------------------------------------------------------------------------
 

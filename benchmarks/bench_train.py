@@ -103,8 +103,9 @@ def profile_step(step_fn, batches, steps: int, device) -> dict:
     for name, micros, _ in events:
         category = kernel_category(name)
         by_category[category] = by_category.get(category, 0.0) + micros / 1e3 / steps
-    top = sorted(events, key=lambda e: -e[1])[:12]
+    top = sorted(events, key=lambda e: -e[1])[:25]
     return {
+        "device_ms_per_step": sum(by_category.values()),
         "ms_per_step": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "kernels_per_step": sum(count for _, _, count in events) / steps,
         "top": [{"name": name[:120], "ms_per_step": micros / 1e3 / steps, "calls_per_step": count / steps}
@@ -242,7 +243,8 @@ def main(argv=None) -> dict:
         if "profile" in r:
             prof = r["profile"]
             parts = ", ".join(f"{category} {ms:.1f}" for category, ms in prof["ms_per_step"].items())
-            print(f"{r['attention']} / compile {r['compile']} / batch {r['batch']}: ms per step by kind: {parts}; "
+            print(f"{r['attention']} / compile {r['compile']} / batch {r['batch']}: {prof['device_ms_per_step']:.1f} ms of "
+                  f"kernels per {1e3 * r['step_s']:.1f} ms step; by kind: {parts}; "
                   f"{prof['kernels_per_step']:.0f} kernels per step; top: "
                   + "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.1f} ms" for t in prof["top"][:5]))
     for row in loader or []:

@@ -351,6 +351,8 @@ def _add_eval(subparsers) -> None:
     b.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
     b.add_argument("--per-family", type=_int_at_least(1), default=10, help="held-out clips per edit family (default 10)")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="default: all six")
+    b.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test: the held-out benchmark (default); val: the clips to choose settings and stages on")
     b.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=["isa", "dense"])
     b.add_argument("--steps", type=_int_at_least(1), default=None, help="denoising steps (default: the model's)")
     b.add_argument("--guidance", type=_float_in(), default=None, help="text CFG scale (default: the model's)")
@@ -377,6 +379,7 @@ def _add_eval(subparsers) -> None:
             attentions=args.attention,
             families=args.families or FAMILIES,
             config=ShapeEditConfig(height=height, width=width),
+            split=args.split,
         )
         result["settings"].update(model=str(args.model or "bundled tiny model"), device=str(device), steps=steps,
                                   guidance=guidance, seed=args.seed, fp8=args.fp8)

@@ -31,6 +31,13 @@ def test_eval_shapeedit_cli(model_folder, tmp_path, capsys):
     assert "| remove | 1 |" in printed and "| all | 2 |" in printed and "ISA vs dense PSNR" in printed
     result = json.loads(path.read_text())
     assert len(result["clips"]) == 2 and set(result["clips"][0]) >= {"isa", "dense", "isa_vs_dense_psnr"}
+    assert result["settings"]["split"] == "test"
+    val_path = tmp_path / "val.json"
+    assert main(["eval", "shapeedit", "--model", str(model_folder), "--per-family", "1", "--families", "remove",
+                 "--steps", "1", "--split", "val", "--attention", "isa", "--json", str(val_path)]) == 0
+    val = json.loads(val_path.read_text())
+    assert val["settings"]["split"] == "val" and val["settings"]["attentions"] == ["isa"]
+    assert val["clips"][0]["input_psnr"] != result["clips"][0]["input_psnr"]  # other clips than test's
     assert main(["eval", "shapeedit", "--model", str(tmp_path / "nope")]) == 2
     capsys.readouterr()
     assert main(["eval", "shapeedit", "--model", str(model_folder), "--device", "cpu", "--fp8"]) == 2

@@ -148,6 +148,18 @@ def test_init_from_a_pipeline_folder(tmp_path):
                           f'train.init_from="{first.pipeline_dir}"'), progress=False)
 
 
+def test_a_resumed_stage_records_the_folder_it_started_from(tmp_path):
+    first = train(tiny_config(tmp_path / "a", "train.max_steps=1"), progress=False)
+    train(tiny_config(tmp_path / "b", "train.max_steps=1", f'train.init_from="{first.pipeline_dir}"'),
+          progress=False, export=False)
+    # The resuming command names another folder (its fallback on a machine without the checkpoint).
+    resumed = train(tiny_config(tmp_path / "b", "train.max_steps=2", f'train.init_from="{tmp_path / "other"}"'),
+                    progress=False)
+    record = json.loads((resumed.pipeline_dir / "training.json").read_text())
+    assert record["steps"] == 2 and record["init_from"] == str(first.pipeline_dir)
+    assert record["stages"][-1]["init_from"] == str(first.pipeline_dir)
+
+
 def test_learning_rate_schedule():
     config = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
                                 "train.max_steps=100", "train.max_time_s=0"])

@@ -582,9 +582,13 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     checkpoint = find_checkpoint(output_dir) if resume else None
     state = json.loads((checkpoint / TRAINER_STATE).read_text()) if checkpoint else {}
     init = None
+    # What this stage started from is the checkpoint's, not the resuming command's: a command that
+    # resumes on a machine which kept its checkpoint may name another folder as its fallback.
+    init_from, schedule = t_cfg.init_from or None, t_cfg.schedule
     if state:
         latents_mean, latents_std = state["latents_mean"], state["latents_std"]
         stages, start_step = state.get("stages", []), int(state.get("start_step", 0))
+        init_from, schedule = state.get("init_from", init_from), state.get("schedule", schedule)
     elif t_cfg.init_from:
         init = _load_init_pipeline(Path(t_cfg.init_from))
         latents_mean, latents_std = init["latents_mean"], init["latents_std"]
@@ -611,6 +615,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         accelerator.load_state(str(checkpoint))
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", checkpoint, step)
+            if t_cfg.init_from and t_cfg.init_from != init_from:
+                logger.info("train.init_from=%s not used: the checkpoint's stage started from %s",
+                            t_cfg.init_from, init_from)
 
     per_process_step = t_cfg.batch_size * t_cfg.grad_accum_steps
     samples_per_step = per_process_step * world
@@ -652,7 +659,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         return {**run_info, "steps": step - start_step, "global_step": step,
                 "samples": (step - start_step) * samples_per_step, "train_time_s": round(elapsed, 1),
                 "last_loss": last_loss, "clips_per_s": round((step - start_step) * samples_per_step / max(elapsed, 1e-9), 2),
-                "batch_size": samples_per_step, "init_from": t_cfg.init_from or None, "schedule": t_cfg.schedule,
+                "batch_size": samples_per_step, "init_from": init_from, "schedule": schedule,
                 "ema_decay": t_cfg.ema_decay, "edit_loss_weight": t_cfg.edit_loss_weight,
                 "dense_fraction": t_cfg.dense_fraction, "lr": config.optim.lr,
                 "validation": val_history[-1] if val_history else None}
@@ -660,7 +667,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     def trainer_state() -> dict:
         return {"step": step, "start_step": start_step, "samples": (step - start_step) * samples_per_step,
                 "train_time_s": elapsed, "latents_mean": latents_mean, "latents_std": latents_std,
-                "stages": stages, "val_history": val_history}
+                "stages": stages, "val_history": val_history, "init_from": init_from, "schedule": schedule}
 
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)

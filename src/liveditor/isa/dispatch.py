@@ -1,10 +1,10 @@
 """Backend choice for isa_attention.
 
 "torch": the PyTorch path (any device and dtype, the reference). "triton": the Triton kernels
-(CUDA; also Triton's CPU interpreter when TRITON_INTERPRET=1, for tests). "auto": triton where it
-runs, else torch, saying once per reason in a log line why it fell back: at WARNING for CUDA inputs
-(the kernels were expected and a slower path runs), at INFO otherwise (the PyTorch path is the
-normal one on CPU).
+(CUDA; also Triton's CPU interpreter when TRITON_INTERPRET=1, for tests). "auto": triton for the
+CUDA inputs it runs, else torch, saying once per reason in a log line why it fell back: at WARNING
+for CUDA inputs (the kernels were expected and a slower path runs), at INFO otherwise (the PyTorch
+path is the normal one on CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return isa_attention_torch
+    if backend == "auto" and not q.is_cuda:  # decided without importing the kernels (and Triton)
+        _log_fallback_once(f"inputs are on {q.device.type}, not CUDA", q)
+        return isa_attention_torch
     try:
         from .ops import isa_attention_triton, triton_unsupported_reason
     except ImportError as exc:  # triton missing or broken
@@ -47,8 +50,6 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
         _log_fallback_once(f"the Triton kernels cannot be imported ({first_line})", q)
         return isa_attention_torch
     reason = triton_unsupported_reason(q, config)
-    if backend == "auto" and reason is None and not q.is_cuda:
-        reason = f"inputs are on {q.device.type}, not CUDA"
     if reason is None:
         return isa_attention_triton
     if backend == "triton":

@@ -108,29 +108,33 @@ def test_version_and_help_document_the_seed(capsys):
 
 
 COLLECTOR_BY_CALLER = """
-import atexit, gc, sys
+import gc, sys
+import diffusers  # imports torch._dynamo and Triton, whose nanobind objects must be freed at exit
 from liveditor.cli import main
 default = gc.get_threshold()
-# Registered before main's own handler, so it runs after it.
-atexit.register(lambda: print("at exit:", gc.get_threshold() != default, gc.get_freeze_count() > 0))
 try:
     main(["--version"])
 except SystemExit:
     pass
-print("after main(argv):", gc.get_threshold() == default, gc.get_freeze_count() == 0)
+print("after main(argv):", gc.get_threshold() == default)
 sys.argv = ["liveditor", "--version"]
-main()
+try:
+    main()
+except SystemExit:
+    pass
+print("after main():", gc.get_threshold() != default)
 """
 
 
-def test_only_the_program_tunes_the_garbage_collector():
-    """`liveditor` (main() on sys.argv) spares the collector the model stack's import-time objects,
-    ~1.5 s of a CPU demo; main(argv), a library call, leaves the process's collector alone."""
+def test_only_the_program_tunes_the_garbage_collector_and_exits_cleanly():
+    """`liveditor` (main() on sys.argv) spares the collector the model stack's import-time objects;
+    main(argv), a library call, leaves the process's collector alone; the process ends without
+    leak reports on stderr."""
     result, _ = _run_python(COLLECTOR_BY_CALLER)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "after main(argv): True True" in lines, result.stdout
-    assert lines[-1] == "at exit: True True", result.stdout  # raised threshold; frozen before the shutdown
+    assert "after main(argv): True" in lines and "after main(): True" in lines, result.stdout
+    assert "leaked" not in result.stderr, result.stderr[-2000:]
 
 
 def test_train_on_cpu_warns_with_the_default_config():

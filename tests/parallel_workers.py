@@ -46,6 +46,13 @@ def transformer_output(case: dict, device="cpu") -> torch.Tensor:
     return out.float().cpu()
 
 
+def exact_fp32() -> None:
+    """No TF32 in matmuls or cuDNN convolutions (the Wan VAE, the patch embedding): a 1e-7 change of
+    an input can move a TF32-rounded product by 1e-3, so TF32 would hide the layouts' agreement."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def _max_rank_difference(tensor: torch.Tensor, device) -> float:
     import torch.distributed as dist
 
@@ -61,6 +68,7 @@ def ulysses_transformer_outputs(cases: list[dict], device_type: str = "cpu"):
 
     import torch.distributed as dist
 
+    exact_fp32()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     layout = ParallelLayout.create(1, dist.get_world_size())
     results = []
@@ -117,6 +125,7 @@ def pipeline_edits(layouts: list[tuple[int, int]], calls: list[dict], device_typ
 
     import torch.distributed as dist
 
+    exact_fp32()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     pipe = tiny_pipeline(seed=0).to(device)
     pipe.set_progress_bar_config(disable=True)

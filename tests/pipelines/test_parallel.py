@@ -72,12 +72,13 @@ def test_launch_returns_rank_0_result_and_rejects_bad_counts():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["isa", "dense"])
-def test_two_gpus_with_nccl_equal_one_gpu(mode):
+def test_two_gpus_with_nccl_equal_one_gpu(mode, monkeypatch):
     """On 2 GPUs: Ulysses 2 gives the 1-GPU transformer output (small fp32 model), and CFG
     parallel and Ulysses give the 1-GPU edit."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # as exact_fp32() does on every rank
     cases = [dict(preset="liveditor-small", mode=mode, model_seed=seed, input_seed=seed + 10, latent=(5, 16, 16))
              for seed in (0, 1)]
     expected = single_transformer_outputs(cases, device="cuda:0")

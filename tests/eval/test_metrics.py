@@ -86,3 +86,21 @@ def test_success_needs_the_rest_preserved():
     damaged[keep] = 255 - damaged[keep]  # right edit, ruined background
     result = edit_success(damaged, ex.source, ex.target)
     assert result.edit_accuracy == 1.0 and result.keep_accuracy < 0.5 and not result.success
+
+
+def test_per_frame_edit_accuracy_says_which_frames_went_wrong():
+    ex = generate_example(4, "test", "motion")  # the object moves differently in every frame but the first
+    result = edit_success(ex.target, ex.source, ex.target)
+    per_frame = result.edit_accuracy_per_frame
+    changed = np.any(ex.source != ex.target, axis=-1)
+    assert len(per_frame) == len(ex.target)
+    assert [p is None for p in per_frame] == [not c.any() for c in changed]
+    assert all(p == 1.0 for p in per_frame if p is not None)
+    # The input in frames 9 on (the edit undone there): those frames fail, the earlier ones stay right.
+    late = ex.target.copy()
+    late[9:] = ex.source[9:]
+    per_frame = edit_success(late, ex.source, ex.target).edit_accuracy_per_frame
+    edited = [f for f, c in enumerate(changed) if c.any()]
+    assert all(per_frame[f] == 1.0 for f in edited if f < 9)
+    assert all(per_frame[f] < 0.5 for f in edited if f >= 9) and any(f >= 9 for f in edited)
+

@@ -33,6 +33,12 @@ def test_oracle_scores_perfectly_and_identity_fails():
     overall = result["summary"]["all"]
     assert overall["isa"]["success_rate"] == overall["dense"]["success_rate"] == 100.0
     assert overall["isa_vs_dense_psnr"] == PSNR_CAP_DB and overall["isa"]["ssim"] == pytest.approx(1.0)
+    # Each clip names its edit; motion is also summarised by kind of motion edit.
+    assert all(c["edit"] == generate_example(c["seed"], "test", c["family"]).metadata["edit"] for c in result["clips"])
+    by_kind = result["motion_by_kind"]
+    assert sum(e["clips"] for e in by_kind.values()) == 2
+    assert all(e["isa"]["success_rate"] == e["dense"]["success_rate"] == 100.0 for e in by_kind.values())
+    assert "motion by kind, success % isa / dense (clips): " in format_summary(result)
 
     nothing = evaluate_shapeedit(lambda s, i, a: s.copy(), per_family=2, attentions=("dense",), progress=False)
     for family in FAMILIES:
@@ -40,6 +46,9 @@ def test_oracle_scores_perfectly_and_identity_fails():
         assert entry["dense"]["success_rate"] == 0.0
         assert entry["dense"]["psnr"] == pytest.approx(entry["input_psnr"])
     assert "isa_vs_dense_psnr" not in nothing["summary"]["all"]
+    assert all(e["dense"]["success_rate"] == 0.0 for e in nothing["motion_by_kind"].values())
+    assert "motion_by_kind" not in evaluate_shapeedit(lambda s, i, a: s.copy(), per_family=1, families=("swap",),
+                                                      attentions=("isa",), progress=False)
 
 
 def test_val_split_is_scored_against_its_own_targets():

@@ -88,6 +88,9 @@ class SuccessResult:
     success: bool
     edit_accuracy: float
     keep_accuracy: float
+    # Edit accuracy of each frame alone; None where the frame has nothing to change. Shows where in
+    # time an edit goes wrong (a motion edit after the object's first bounce, say).
+    edit_accuracy_per_frame: tuple[float | None, ...] = ()
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -124,4 +127,5 @@ def edit_success(
         success=edit_accuracy >= min_edit_accuracy and keep_accuracy >= min_keep_accuracy,
         edit_accuracy=edit_accuracy,
         keep_accuracy=keep_accuracy,
+        edit_accuracy_per_frame=tuple(float(c[e].mean()) if e.any() else None for c, e in zip(correct, edit)),
     )

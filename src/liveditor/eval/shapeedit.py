@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data.shapes import FAMILIES, ShapeEditConfig, generate_example
+from ..data.shapes import FAMILIES, MOTIONS, ShapeEditConfig, generate_example
 from ..data.video_io import to_uint8_frames
 from ..errors import InvalidArgumentError
 from .metrics import PSNR_CAP_DB, edit_success, psnr, ssim
@@ -96,6 +96,22 @@ def summarize(clips: list[dict], attentions: Sequence[str], families: Sequence[s
     return summary
 
 
+def summarize_motion(clips: list[dict], attentions: Sequence[str]) -> dict:
+    """The motion family by kind of motion edit (reverse, stop, faster, left, ...): clips, success
+    rate (%) and mean edit accuracy per attention mode. Kinds without clips are left out."""
+    by_kind = {}
+    for kind in MOTIONS:
+        rows = [c for c in clips if c["family"] == "motion" and c["edit"]["motion"] == kind]
+        if rows:
+            by_kind[kind] = {"clips": len(rows)}
+            for mode in attentions:
+                by_kind[kind][mode] = {
+                    "success_rate": 100.0 * _mean(c[mode]["success"] for c in rows),
+                    "edit_accuracy": _mean(c[mode]["edit_accuracy"] for c in rows),
+                }
+    return by_kind
+
+
 def evaluate_shapeedit(
     edit_fn: EditFn,
     per_family: int = 10,
@@ -149,6 +165,7 @@ def evaluate_shapeedit(
                 "family": family,
                 "seed": seed,
                 "instruction": example.instruction,
+                "edit": dict(example.metadata["edit"]),
                 "input_psnr": psnr(example.source, example.target),
             }
             for mode in attentions:
@@ -160,6 +177,7 @@ def evaluate_shapeedit(
                     "success": result.success,
                     "edit_accuracy": result.edit_accuracy,
                     "keep_accuracy": result.keep_accuracy,
+                    "edit_accuracy_per_frame": list(result.edit_accuracy_per_frame),
                     "seconds": seconds[mode],
                 }
             if "isa" in outputs and "dense" in outputs:
@@ -167,11 +185,14 @@ def evaluate_shapeedit(
             clips.append(row)
         bar.update(len(chunk))
     bar.close()
-    return {
+    result = {
         "settings": {"per_family": per_family, "split": split, "attentions": list(attentions), "config": config.__dict__.copy()},
         "clips": clips,
         "summary": summarize(clips, attentions, families),
     }
+    if "motion" in families:
+        result["motion_by_kind"] = summarize_motion(clips, attentions)
+    return result
 
 
 def format_summary(result: dict) -> str:
@@ -197,6 +218,12 @@ def format_summary(result: dict) -> str:
         overall = result["summary"]["all"]
         gap = overall["isa"]["success_rate"] - overall["dense"]["success_rate"]
         lines.append(f"\nISA - dense success rate: {gap:+.1f} points over {overall['clips']} clips")
+    if result.get("motion_by_kind"):
+        kinds = []
+        for kind, entry in result["motion_by_kind"].items():
+            rates = " / ".join(f"{entry[mode]['success_rate']:.0f}" for mode in attentions)
+            kinds.append(f"{kind} {rates} ({entry['clips']})")
+        lines.append(f"motion by kind, success % {' / '.join(attentions)} (clips): {', '.join(kinds)}")
     return "\n".join(lines)
 
 

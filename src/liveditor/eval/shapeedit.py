@@ -4,8 +4,9 @@ For every edit family, ``per_family`` clips of the ``test`` split (seeds 0..per_
 used for training) are edited with each attention mode on the same weights and the same noise
 seed. Per clip: PSNR and SSIM against the ground-truth target, the success criterion of
 ``liveditor.eval.metrics`` (edited region right, rest preserved), and the PSNR between the ISA and
-the dense output. The "input" column is the PSNR of the unedited input against the target (what
-doing nothing scores).
+the dense output; each clip also keeps its edit's parameters and its edit accuracy per frame, and
+the motion family is summarised by kind of motion edit. The "input" column is the PSNR of the
+unedited input against the target (what doing nothing scores).
 """
 
 from __future__ import annotations

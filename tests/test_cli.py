@@ -1,7 +1,6 @@
 """The command line as a newcomer meets it: argument checks before any heavy import, one-line
 errors naming the fix, --version, --debug anywhere, the project's own error type only."""
 
-import subprocess
 import sys
 import time
 
@@ -10,6 +9,7 @@ import pytest
 from liveditor import __version__
 from liveditor.cli import main
 from liveditor.errors import LIVEditorError
+from python_process import run_python
 
 RUN_BEFORE_IMPORTS = """
 import sys, time
@@ -27,11 +27,8 @@ print("no heavy imports")
 
 
 def _run_python(code: str):
-    import os
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = run_python("-c", code)
     return result, time.perf_counter() - start
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from liveditor.cli import main as cli_main
 from liveditor.data.video_io import read_video, write_video
+from python_process import run_python
 from tiny_models import tiny_pipeline
 
 
@@ -133,7 +134,6 @@ sys.exit(rc)
 def test_bundled_model_keeps_duration_and_audio_of_a_long_hd_clip_in_bounded_memory(tmp_path):
     """Issue 8's check: a 10 s, 30 fps, 1280x720 clip with audio, `--steps 1`, the bundled model."""
     import subprocess
-    import sys
 
     import imageio_ffmpeg
 
@@ -145,9 +145,8 @@ def test_bundled_model_keeps_duration_and_audio_of_a_long_hd_clip_in_bounded_mem
                     "-t", "10", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(clip)],
                    check=True)
     out = tmp_path / "edited.mp4"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, "edit", str(clip), "make the red circle blue",
-                             "-o", str(out), "--steps", "1"], capture_output=True, text=True, env=env)
+    result = run_python("-c", PEAK_RSS_SCRIPT, "edit", str(clip), "make the red circle blue", "-o", str(out),
+                        "--steps", "1")
     assert result.returncode == 0, result.stderr
     own_kb, children_kb = (int(v) for v in result.stdout.split("peak_rss_kb")[1].split())
     assert own_kb < 2 * 1024 * 1024 and children_kb < 2 * 1024 * 1024, (own_kb, children_kb)

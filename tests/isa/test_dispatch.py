@@ -1,8 +1,6 @@
 """The backend choice: "auto" decides inputs off CUDA without importing the Triton kernels."""
 
-import os
-import subprocess
-import sys
+from python_process import run_python
 
 AUTO_ON_CPU = """
 import sys
@@ -22,8 +20,6 @@ print(" ".join(sorted(name for name in ("liveditor.isa.ops", "triton") if name i
 def test_auto_on_cpu_runs_the_torch_path_without_importing_the_kernels():
     # A fresh interpreter: this one may have imported the kernels for other tests. It inherits the
     # conftest's TRITON_INTERPRET=1: auto leaves the interpreter to backend="triton" (tests).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", AUTO_ON_CPU], capture_output=True, text=True,
-                            env=env)
+    result = run_python("-c", AUTO_ON_CPU)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "none"  # imported: liveditor.isa.ops (and with it triton)

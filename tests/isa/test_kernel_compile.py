@@ -8,15 +8,13 @@ test_isa_gpu.py checks what the kernels compute.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 from packaging.version import Version  # noqa: E402
+from python_process import child_env, run_python  # noqa: E402
 
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_pooled_kernel")
 
@@ -26,11 +24,8 @@ pytestmark = pytest.mark.skipif(Version(triton.__version__) < Version("3.9"),
 
 @pytest.fixture(scope="module", params=["bf16"])
 def compiled(request):
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (*sys.path, env.get("PYTHONPATH", "")) if p)
     script = Path(__file__).with_name("compile_for_hopper.py")
-    result = subprocess.run([sys.executable, str(script), request.param, *KERNELS], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = run_python(str(script), request.param, *KERNELS, env=child_env(drop=("TRITON_INTERPRET",)), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return request.param, json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -90,7 +90,7 @@ class SuccessResult:
     keep_accuracy: float
     # Edit accuracy of each frame alone; None where the frame has nothing to change. Shows where in
     # time an edit goes wrong (a motion edit after the object's first bounce, say).
-    edit_accuracy_per_frame: tuple[float | None, ...] = ()
+    edit_accuracy_per_frame: tuple[float | None, ...]
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

@@ -287,9 +287,11 @@ DDP_COMMON = TINY + ["optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=2"]
 
 WORKER = """
 import sys
+import torch.distributed as dist
 from liveditor.training import load_config, train
 config = load_config(None, sys.argv[1:])
 train(config, progress=False)
+print("process group ended:", not dist.is_initialized())
 """
 
 
@@ -309,6 +311,7 @@ def test_two_processes_of_batch_1_make_the_step_of_one_process_of_batch_2(tmp_pa
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert all("process group ended: True" in out for out in outputs), outputs[0][-3000:]
 
     single = load_config(None, DDP_COMMON + ["train.batch_size=2", f'train.output_dir="{tmp_path / "single"}"'])
     train(single, progress=False, export=False)
@@ -367,6 +370,7 @@ clock = AgreedClock(2, train_time_s=10.0)
 for step_s in ([0.5, 0.25] if rank == 0 else [0.125, 1.0]):  # each process measures other step times
     clock.advance(step_s, session_s=3.0 + rank)
     print("clock", clock.train_time_s, clock.session_s, flush=True)
+dist.destroy_process_group()  # exiting with a live gloo group can abort in its threads at shutdown
 """
 
 

@@ -561,7 +561,10 @@ def validate(config: TrainConfig, pipeline, device) -> dict:
 
 
 def train(config: TrainConfig, resume: bool = True, progress: bool = True, export: bool = True) -> TrainResult:
-    """Train (or continue training) the model the config describes; returns what was done."""
+    """Train (or continue training) the model the config describes; returns what was done.
+
+    Under a launcher (torchrun, accelerate launch) the process group this call starts is ended
+    before it returns; one the caller started is left to the caller."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -570,6 +573,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
     mixed = t_cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
+    starts_process_group = not (dist.is_available() and dist.is_initialized())
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=t_cfg.grad_accum_steps)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -750,6 +754,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
             log.write(json.dumps({"event": "end", **summary, "pipeline_dir": str(pipeline_dir)}) + "\n")
         logger.info("training done: %s", json.dumps(summary))
     accelerator.wait_for_everyone()
+    if starts_process_group:
+        # A process that exits with its group alive can abort in Gloo's threads at interpreter
+        # shutdown ("terminate called without an active exception"); NCCL warns.
+        accelerator.end_training()
     return TrainResult(step, (step - start_step) * samples_per_step, elapsed, last_loss, summary["clips_per_s"],
                        output_dir, pipeline_dir)
 

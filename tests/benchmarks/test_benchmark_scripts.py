@@ -40,11 +40,27 @@ def test_bench_train_times_and_profiles_a_cpu_step(bench_train, tmp_path):
         "--json", str(out)])
     (row,) = result["rows"]
     assert "error" not in row, row
-    assert row["clips_per_s"] > 0 and row["step_s"] > 0
+    assert row["clips_per_s"] > 0 and row["step_s"] > 0 and row["host_s"] > 0
     profile = row["profile"]
     assert profile["ms_per_step"]["matmul"] > 0 and profile["kernels_per_step"] > 0
     assert sum(profile["ms_per_step"].values()) >= max(t["ms_per_step"] for t in profile["top"])
     assert json.loads(out.read_text())["rows"][0]["clips_per_s"] == row["clips_per_s"]
+
+
+@pytest.mark.cuda
+def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "attention.json"
+    result = load_script(REPO / "benchmarks" / "bench_train_attention.py").main(
+        ["--batch", "2", "--tokens", "256", "--iters", "2", "--json", str(out)])
+    rows = result["rows"]
+    assert len(rows) == 12 and json.loads(out.read_text())["rows"] == rows
+    timed = [r for r in rows if "error" not in r]
+    assert {r["backend"] for r in timed} >= {"flash", "efficient"}  # cuDNN may refuse a shape
+    assert all(0 < r["fwd_ms"] <= r["fwd_bwd_ms"] for r in timed)
 
 
 @pytest.mark.parametrize("name, category", [

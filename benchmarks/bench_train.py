@@ -3,8 +3,10 @@ optimizer step (`liveditor.training.loop.TrainStep`: codec, text encoder, flow-m
 backward, clipping, fused AdamW, EMA), eager vs regional `torch.compile`, dense vs ISA attention,
 for several batch sizes, in one run. Also the CPU data loader's clips/s with the loop's settings.
 
-The step is timed on a pool of pre-rendered clips (so the numbers are the model's, not the
-loader's); the loader is timed on its own. FLOPs count dense attention in full (ISA rows are
+The step is timed on a pool of pre-rendered clips held on the device, as the loop's GPU renderer
+delivers them (so the numbers are the model's, not the loader's or an upload's); the loader is timed
+on its own. "host ms" is the time the host takes to issue one step while the GPU is idle: near the
+step time, the host is the limit. FLOPs count dense attention in full (ISA rows are
 dense-equivalent rates).
 
     python benchmarks/bench_train.py --json bench_train.json

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from liveditor.data.shapes import FAMILIES, generate_example
-from liveditor.eval.metrics import PSNR_CAP_DB, edit_success, psnr, ssim
+from liveditor.eval.metrics import (
+    PSNR_CAP_DB,
+    colour_centroids,
+    edit_success,
+    position_error_per_frame,
+    psnr,
+    ssim,
+)
 
 
 def _video(rng, shape=(3, 24, 20, 3)):
@@ -104,3 +111,22 @@ def test_per_frame_edit_accuracy_says_which_frames_went_wrong():
     assert all(per_frame[f] == 1.0 for f in edited if f < 9)
     assert all(per_frame[f] < 0.5 for f in edited if f >= 9) and any(f >= 9 for f in edited)
 
+
+
+def test_position_error_locates_an_object_by_its_colour():
+    rng = np.random.default_rng(3)
+    background = rng.integers(0, 60, size=(3, 20, 24, 3), dtype=np.uint8)  # never within 48 of the colour
+    colour = (230, 40, 200)
+    target, output = background.copy(), background.copy()
+    target[0, 4:8, 2:6] = colour  # centre (4, 6)
+    target[1, 10:12, 14:20] = colour  # centre (17, 11)
+    target[2, 0:2, 0:2] = colour
+    output[0, 7:11, 5:9] = (215, 55, 185)  # within tolerance, moved by (3, 3)
+    output[1, 10:12, 14:20] = colour  # where the target has it
+    # frame 2: the output lost the object
+    centres = colour_centroids(target, colour)
+    np.testing.assert_allclose(centres[:2], [[4.0, 6.0], [17.0, 11.0]])
+    errors = position_error_per_frame(output, target, colour)
+    assert errors[0] == pytest.approx(math.hypot(3, 3)) and errors[1] == 0.0 and errors[2] is None
+    assert np.isnan(colour_centroids(output, colour)[2]).all()
+    assert position_error_per_frame(output, target, colour, tolerance=10)[0] is None  # 15 off: not the object

@@ -39,6 +39,12 @@ def test_oracle_scores_perfectly_and_identity_fails():
     assert sum(e["clips"] for e in by_kind.values()) == 2
     assert all(e["isa"]["success_rate"] == e["dense"]["success_rate"] == 100.0 for e in by_kind.values())
     assert "motion by kind, success % isa / dense (clips): " in format_summary(result)
+    # The oracle puts the moved object exactly where the target has it, in every frame.
+    motion = [c for c in result["clips"] if c["family"] == "motion"]
+    assert all(set(c["isa"]["position_error_per_frame"]) <= {0.0, None} for c in motion)
+    assert all(e["dense"]["position_error_px"] == {"first_half": 0.0, "second_half": 0.0} for e in by_kind.values())
+    assert "median object position error px (first -> second half of the frames): " in format_summary(result)
+    assert all("position_error_per_frame" not in c["isa"] for c in result["clips"] if c["family"] != "motion")
 
     nothing = evaluate_shapeedit(lambda s, i, a: s.copy(), per_family=2, attentions=("dense",), progress=False)
     for family in FAMILIES:
@@ -47,6 +53,10 @@ def test_oracle_scores_perfectly_and_identity_fails():
         assert entry["dense"]["psnr"] == pytest.approx(entry["input_psnr"])
     assert "isa_vs_dense_psnr" not in nothing["summary"]["all"]
     assert all(e["dense"]["success_rate"] == 0.0 for e in nothing["motion_by_kind"].values())
+    # Doing nothing leaves the object on its old path: it drifts away from the target's over the clip.
+    for entry in nothing["motion_by_kind"].values():
+        halves = entry["dense"]["position_error_px"]
+        assert halves["second_half"] > halves["first_half"] > 0
     assert "motion_by_kind" not in evaluate_shapeedit(lambda s, i, a: s.copy(), per_family=1, families=("swap",),
                                                       attentions=("isa",), progress=False)
 

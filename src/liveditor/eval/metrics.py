@@ -129,3 +129,28 @@ def edit_success(
         keep_accuracy=keep_accuracy,
         edit_accuracy_per_frame=tuple(float(c[e].mean()) if e.any() else None for c, e in zip(correct, edit)),
     )
+
+
+def colour_centroids(video: np.ndarray, colour, tolerance: int = SUCCESS_TOLERANCE) -> np.ndarray:
+    """float ``[F, 2]`` (x, y) mean position, in pixels, of each frame's pixels within `tolerance`
+    (every channel) of `colour`; NaN in frames without such pixels. Pixel (col, row) sits at
+    (col + 0.5, row + 0.5), as the ShapeEdit renderer places shape centres."""
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected frames [F, H, W, 3], got shape {video.shape}")
+    match = (np.abs(video.astype(np.int16) - np.asarray(colour, dtype=np.int16)).max(axis=-1) <= tolerance)
+    count = match.sum(axis=(1, 2)).astype(np.float64)
+    rows, cols = np.arange(video.shape[1]) + 0.5, np.arange(video.shape[2]) + 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = (match.sum(axis=1) * cols).sum(axis=1) / count
+        y = (match.sum(axis=2) * rows).sum(axis=1) / count
+    return np.stack([x, y], axis=-1)
+
+
+def position_error_per_frame(output: np.ndarray, target: np.ndarray, colour,
+                             tolerance: int = SUCCESS_TOLERANCE) -> tuple[float | None, ...]:
+    """Per frame, the distance in pixels between where an object of `colour` is in `output` and in
+    `target` (centroids of its colour); None where either frame shows none of it."""
+    _check_pair(output, target)
+    distance = np.linalg.norm(colour_centroids(output, colour, tolerance) - colour_centroids(target, colour, tolerance),
+                              axis=-1)
+    return tuple(None if np.isnan(d) else float(d) for d in distance)

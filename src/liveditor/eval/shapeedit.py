@@ -4,8 +4,9 @@ For every edit family, ``per_family`` clips of the ``test`` split (seeds 0..per_
 used for training) are edited with each attention mode on the same weights and the same noise
 seed. Per clip: PSNR and SSIM against the ground-truth target, the success criterion of
 ``liveditor.eval.metrics`` (edited region right, rest preserved), and the PSNR between the ISA and
-the dense output; each clip also keeps its edit's parameters and its edit accuracy per frame, and
-the motion family is summarised by kind of motion edit. The "input" column is the PSNR of the
+the dense output; each clip also keeps its edit's parameters and its edit accuracy per frame (a
+motion clip also how far, in pixels, the edited object is from where the target has it, per frame),
+and the motion family is summarised by kind of motion edit. The "input" column is the PSNR of the
 unedited input against the target (what doing nothing scores).
 """
 
@@ -16,10 +17,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data.shapes import FAMILIES, MOTIONS, ShapeEditConfig, generate_example
+from ..data.shapes import FAMILIES, MOTIONS, OBJECT_COLORS, ShapeEditConfig, generate_example
 from ..data.video_io import to_uint8_frames
 from ..errors import InvalidArgumentError
-from .metrics import PSNR_CAP_DB, edit_success, psnr, ssim
+from .metrics import PSNR_CAP_DB, edit_success, position_error_per_frame, psnr, ssim
 
 # (sources uint8 [B, F, H, W, 3], instructions, attention mode) -> edited uint8 [B, F, H, W, 3]
 EditFn = Callable[[np.ndarray, list, str], np.ndarray]
@@ -97,9 +98,27 @@ def summarize(clips: list[dict], attentions: Sequence[str], families: Sequence[s
     return summary
 
 
+def _edited_colour(example) -> tuple[int, int, int]:
+    """RGB of the object a (non-background) edit acts on, as the source scene draws it."""
+    objects = example.metadata["source_scene"]["objects"]
+    return OBJECT_COLORS[objects[example.metadata["edit"]["object"]]["color"]]
+
+
+def _median_position_error(rows: list[dict], mode: str, second_half: bool) -> float | None:
+    """Median over the clips' frames in one half (clips scored before the field existed are skipped)."""
+    errors = []
+    for c in rows:
+        per_frame = c[mode].get("position_error_per_frame") or []
+        half = len(per_frame) // 2
+        errors += [e for e in (per_frame[half:] if second_half else per_frame[:half]) if e is not None]
+    return float(np.median(errors)) if errors else None
+
+
 def summarize_motion(clips: list[dict], attentions: Sequence[str]) -> dict:
     """The motion family by kind of motion edit (reverse, stop, faster, left, ...): clips, success
-    rate (%) and mean edit accuracy per attention mode. Kinds without clips are left out."""
+    rate (%), mean edit accuracy and the median distance (pixels) between where the edited object is
+    in the output and in the target, over the first and the second half of the frames, per attention
+    mode. Kinds without clips are left out."""
     by_kind = {}
     for kind in MOTIONS:
         rows = [c for c in clips if c["family"] == "motion" and c["edit"]["motion"] == kind]
@@ -109,6 +128,8 @@ def summarize_motion(clips: list[dict], attentions: Sequence[str]) -> dict:
                 by_kind[kind][mode] = {
                     "success_rate": 100.0 * _mean(c[mode]["success"] for c in rows),
                     "edit_accuracy": _mean(c[mode]["edit_accuracy"] for c in rows),
+                    "position_error_px": {"first_half": _median_position_error(rows, mode, False),
+                                          "second_half": _median_position_error(rows, mode, True)},
                 }
     return by_kind
 
@@ -181,6 +202,9 @@ def evaluate_shapeedit(
                     "edit_accuracy_per_frame": list(result.edit_accuracy_per_frame),
                     "seconds": seconds[mode],
                 }
+                if family == "motion":
+                    row[mode]["position_error_per_frame"] = list(
+                        position_error_per_frame(out, example.target, _edited_colour(example)))
             if "isa" in outputs and "dense" in outputs:
                 row["isa_vs_dense_psnr"] = psnr(outputs["isa"][i], outputs["dense"][i])
             clips.append(row)
@@ -225,6 +249,13 @@ def format_summary(result: dict) -> str:
             rates = " / ".join(f"{entry[mode]['success_rate']:.0f}" for mode in attentions)
             kinds.append(f"{kind} {rates} ({entry['clips']})")
         lines.append(f"motion by kind, success % {' / '.join(attentions)} (clips): {', '.join(kinds)}")
+        drift = []
+        for kind, entry in result["motion_by_kind"].items():
+            halves = entry[attentions[0]]["position_error_px"]
+            drift.append(f"{kind} " + " -> ".join("-" if halves[h] is None else f"{halves[h]:.1f}"
+                                                 for h in ("first_half", "second_half")))
+        lines.append(f"motion by kind, {attentions[0]} median object position error px (first -> second half of "
+                     f"the frames): {', '.join(drift)}")
     return "\n".join(lines)
 
 

@@ -112,7 +112,6 @@ def test_per_frame_edit_accuracy_says_which_frames_went_wrong():
     assert all(per_frame[f] < 0.5 for f in edited if f >= 9) and any(f >= 9 for f in edited)
 
 
-
 def test_position_error_locates_an_object_by_its_colour():
     rng = np.random.default_rng(3)
     background = rng.integers(0, 60, size=(3, 20, 24, 3), dtype=np.uint8)  # never within 48 of the colour

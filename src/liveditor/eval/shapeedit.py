@@ -105,10 +105,10 @@ def _edited_colour(example) -> tuple[int, int, int]:
 
 
 def _median_position_error(rows: list[dict], mode: str, second_half: bool) -> float | None:
-    """Median over the clips' frames in one half (clips scored before the field existed are skipped)."""
+    """Median position error over the frames in the first or the second half of the clips."""
     errors = []
     for c in rows:
-        per_frame = c[mode].get("position_error_per_frame") or []
+        per_frame = c[mode]["position_error_per_frame"]
         half = len(per_frame) // 2
         errors += [e for e in (per_frame[half:] if second_half else per_frame[:half]) if e is not None]
     return float(np.median(errors)) if errors else None

@@ -216,20 +216,21 @@ def test_render_scene_equals_pixel_by_pixel_rendering(seed):
 # sha256 of (source, target, object mask, instruction, metadata) as of commit db056d8: the
 # held-out benchmark and every dataset depend on a seed always giving the same clip, so speed-ups
 # of the renderer or the sampler must not change a pixel or a draw. Re-recorded once when the
-# metadata's config gained family_weights: with that key removed the db056d8 digests still match.
+# metadata's config gained family_weights, and again when it gained motion_weights: with those
+# keys removed the db056d8 digests still match (train 5 and test 11 are motion clips).
 RECORDED_DIGESTS = {
-    ("train", 0): "cbb76c745d7e328ad1a4dcd4307598587811793206d80df16142424626c2e76c",
-    ("train", 1): "c4f27e36ca2dd375c96b01594df2fc0e4156ea33adfafd666982b8d7602f5595",
-    ("train", 2): "8156e5d6190ce80bc3f2cdf578f1a9e4d70e21286502b167ef820a255f80c4f8",
-    ("train", 3): "090db0d6ddebaad12d17fd5681b584947ead1c803fe5ab34a1bc8ff0494715b6",
-    ("train", 4): "1e46d872c04e51881328fedcefadf02639c8c5de61e25d57d09b94d51cfcee06",
-    ("train", 5): "628e44b78f8ab906022ee7980d64baca8439d71504cb834e42a2a1ae27c9a8af",
-    ("test", 6): "0c6aab4435a1ac448091d589f38b2a26e5382e837a600e0db5b0ca11e6d62245",
-    ("test", 7): "31f5af1ed4dea752a02b3132faff411005e8fe13dcf84afb50ce013745836503",
-    ("test", 8): "9ada783bbaeb857bf78c51f1c3a3d57c1a78583da1a9926bba3801d309ccc67e",
-    ("test", 9): "421cc6e5c2920ea68decd16dac2be49b71218464effeeb62c9398fbae3a46531",
-    ("test", 10): "eda4e97cf1405c2ab70d8ed8c9f3ead1236bc5474be70ef697d58fb69177a7b2",
-    ("test", 11): "7a8d373e911bf851320566398eab0bb647b1066847e1dd2a02f846ecb0960f06",
+    ("train", 0): "9496ed9e8cd9b7525f1e1902137f97a8158bc15271d45e60e994799f253c0644",
+    ("train", 1): "d87b40baa1f93e63d6fa48fdfdacf19306b77ef99c70f9adaa4ff3be6db63cb8",
+    ("train", 2): "0c5c7769c130c18d2d30ff7b25f6066f2edae6d590a792c6041ad56c64d3c9ec",
+    ("train", 3): "a851a494194718269755602703dd2329c6586a82598dbf3ac02aabcd7d9a36ac",
+    ("train", 4): "8e766760efe9741e759310cee27e26145e5e72ce86c2a0055fe2e085f2191cad",
+    ("train", 5): "ad4b905416fe0d0efccb8d9b9eb99afea52d38b0afca5a7953b76e949c23b65e",
+    ("test", 6): "557492bb18e8db25e097d74a6ba744ab53638fb46b29a5a28e1aa49e994f6058",
+    ("test", 7): "4736c65091534c830748ff77e3d81bf6cefa988f4f6d49c8666f9bbb58eb7cf2",
+    ("test", 8): "5a63ff151e78a65823de0e5904c2c0b58493a66370b8af918e69844989241334",
+    ("test", 9): "2a09dbd0a08eccc2a49ebb4be3dc606a3a3e8fd2522c394e9bf09255b8872275",
+    ("test", 10): "551e4d3b113f34c98aff44f229581b010f2ba23010753f5d6d7fbe02622a55c6",
+    ("test", 11): "253f3b445f68f5fe10cd170615911653b1368d6800cdc74cb3ef82f6d1414dbb",
 }
 
 
@@ -259,3 +260,21 @@ def test_family_weights_set_each_familys_share_of_the_seed_stream():
     for bad in ((1, 1, 1), (0,) * 6, (1, 1, 1, 1, 1, -1), (1.5, 1, 1, 1, 1, 1)):
         with pytest.raises(LIVEditorError, match="family_weights must be 6 non-negative ints"):
             ShapeEditConfig(family_weights=bad)
+
+
+def test_motion_weights_set_each_kind_of_motion_edits_share():
+    from liveditor.data.shapes import MOTIONS, ShapeEditConfig
+
+    def kinds(config, seeds):
+        return [generate_example(seed, "train", "motion", config).metadata["edit"]["motion"] for seed in seeds]
+
+    # The default draws exactly as before the option (the recorded digests above include motion clips).
+    assert ShapeEditConfig().motion_weights == (1,) * len(MOTIONS)
+    weighted = ShapeEditConfig(motion_weights=(4, 0, 1, 1, 1, 1, 0))
+    drawn = kinds(weighted, range(900))
+    assert "stop" not in drawn and "down" not in drawn
+    assert abs(drawn.count("reverse") / len(drawn) - 0.5) < 0.05  # 4 of 8
+    assert all(abs(drawn.count(k) / len(drawn) - 0.125) < 0.035 for k in ("faster", "left", "right", "up"))
+    for bad in ((1,) * 6, (0,) * 7, (1, 1, 1, 1, 1, 1, -1), (1, 1, 1, 1, 1, 1, 0.5)):
+        with pytest.raises(LIVEditorError, match="motion_weights must be 7 non-negative ints"):
+            ShapeEditConfig(motion_weights=bad)

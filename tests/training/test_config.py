@@ -59,6 +59,8 @@ def test_overrides_use_toml_values(tmp_path):
         ("[train]\nmax_time_s = -1\n", "train.max_time_s"),
         ("[text]\ndrop_prob = 1.0\n", "text.drop_prob"),
         ("[data]\nrenderer = \"gpu\"\n", "data.renderer"),
+        ("[data]\nfamily_weights = [1, 1]\n", "data.family_weights"),
+        ("[data]\nmotion_weights = [1, 0, 0, 0, 0, 0, -1]\n", "data.motion_weights"),
         ("[train]\nseed = 70000\n", "train.seed"),
         ("[train]\nschedule = \"resume\"\n", "train.schedule"),
         ("[train]\nedit_loss_weight = -1.0\n", "train.edit_loss_weight"),

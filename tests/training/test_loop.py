@@ -390,16 +390,23 @@ def test_processes_agree_on_training_time_so_time_limits_stop_them_at_the_same_s
 
 
 @pytest.mark.parametrize("renderer", ["reference", "batch"])
-def test_procedural_training_clips_follow_data_family_weights(renderer):
+@pytest.mark.parametrize("weights, families, motions", [
+    (["data.family_weights=[0, 0, 0, 0, 1, 2]"], {"background", "motion"}, None),
+    (["data.family_weights=[0, 0, 0, 0, 0, 1]", "data.motion_weights=[1, 0, 0, 0, 0, 0, 1]"], {"motion"},
+     {"reverse", "down"}),
+])
+def test_procedural_training_clips_follow_data_family_and_motion_weights(renderer, weights, families, motions):
     from liveditor.data.shapes import generate_example
     from liveditor.data.shapes_batch import example_seeds
     from liveditor.training.loop import _batches, _shapeedit_config
 
-    config = load_config(None, TINY + ["data.family_weights=[0, 0, 0, 0, 1, 2]", f'data.renderer="{renderer}"'])
+    config = load_config(None, TINY + weights + [f'data.renderer="{renderer}"'])
     batch = next(_batches(config, 0, 0, 1, 0, torch.device("cpu")))
     seeds = example_seeds(config.train.seed, 0, 0, config.train.batch_size, 0, 1)
     shape_config = _shapeedit_config(config)
     expected = [generate_example(int(s), "train", config=shape_config) for s in seeds]
-    assert {e.family for e in expected} <= {"background", "motion"}
+    assert {e.family for e in expected} <= families
+    if motions is not None:
+        assert {e.metadata["edit"]["motion"] for e in expected} <= motions
     assert list(batch["instruction"]) == [e.instruction for e in expected]
     assert np.array_equal(np.asarray(batch["target"]), np.stack([e.target for e in expected]))

@@ -211,14 +211,18 @@ class ShapeEditConfig:
     # f takes family_weights[f] consecutive places in a cycle of sum(family_weights) seeds. The
     # default, one each, is FAMILIES[seed % 6].
     family_weights: tuple[int, ...] = (1, 1, 1, 1, 1, 1)
+    # Relative share of each kind of motion edit (MOTIONS order) among motion edits; the default,
+    # one each, is a uniform draw (the same draw, and so the same clips, as before the option).
+    motion_weights: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 1)
 
     def __post_init__(self):
-        weights = tuple(self.family_weights)
-        if len(weights) != len(FAMILIES) or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in weights) \
-                or not sum(weights):
-            raise InvalidArgumentError(f"ShapeEditConfig.family_weights must be {len(FAMILIES)} non-negative ints "
-                                       f"({', '.join(FAMILIES)}), not all 0; got {self.family_weights!r}")
-        object.__setattr__(self, "family_weights", weights)  # a list from a config file becomes a tuple
+        for name, names in (("family_weights", FAMILIES), ("motion_weights", MOTIONS)):
+            weights = tuple(getattr(self, name))
+            if len(weights) != len(names) or not sum(weights) or any(
+                    isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in weights):
+                raise InvalidArgumentError(f"ShapeEditConfig.{name} must be {len(names)} non-negative ints "
+                                           f"({', '.join(names)}), not all 0; got {getattr(self, name)!r}")
+            object.__setattr__(self, name, weights)  # a list from a config file becomes a tuple
         for name in ("frames", "height", "width", "min_objects", "max_objects"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -431,6 +435,17 @@ def _pick(rng, options) -> str:
     return str(options[int(rng.integers(len(options)))])
 
 
+def _pick_weighted(rng, options, weights) -> str:
+    """One of ``options`` with probability proportional to ``weights``; with equal weights of 1, the
+    same draw as `_pick`."""
+    place = int(rng.integers(sum(weights)))
+    for option, weight in zip(options, weights):
+        if place < weight:
+            return str(option)
+        place -= weight
+    raise AssertionError("unreachable: place < sum(weights)")
+
+
 def _random_object(rng, shape, color, config: ShapeEditConfig) -> ShapeObject:
     size = _pick(rng, SIZES)
     r = object_radius(size, config)
@@ -512,7 +527,7 @@ def _apply_edit(rng, family: str, source: Scene, config: ShapeEditConfig):
         params = {"style": style, "color": color}
         src_index, tgt_index = None, None
     elif family == "motion":
-        motion = _pick(rng, MOTIONS)
+        motion = _pick_weighted(rng, MOTIONS, config.motion_weights)
         moved = target.objects[index]
         speed = float(np.hypot(obj.vx, obj.vy))
         if motion == "reverse":

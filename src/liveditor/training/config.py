@@ -86,6 +86,8 @@ class DataSection:
     num_workers: int = 2
     family_weights: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1])  # procedural clips: share
     #              of swap, recolor, add, remove, background, motion (ShapeEditConfig.family_weights)
+    motion_weights: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1, 1])  # share of each kind of
+    #              motion edit: reverse, stop, faster, left, right, up, down (ShapeEditConfig.motion_weights)
 
 
 @dataclass
@@ -223,12 +225,13 @@ class TrainConfig:
             raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {self.optim.grad_clip}")
         if self.train.max_time_s < 0:
             raise ConfigError(f"train.max_time_s must be >= 0 (0: no time limit), got {self.train.max_time_s}")
-        try:
-            from ..data.shapes import ShapeEditConfig
+        from ..data.shapes import ShapeEditConfig
 
-            ShapeEditConfig(family_weights=tuple(self.data.family_weights))
-        except LIVEditorError as exc:
-            raise ConfigError(f"data.family_weights: {exc}") from None
+        for name in ("family_weights", "motion_weights"):
+            try:
+                ShapeEditConfig(**{name: tuple(getattr(self.data, name))})
+            except LIVEditorError as exc:
+                raise ConfigError(f"data.{name}: {exc}") from None
         if self.data.renderer not in ("reference", "batch"):
             raise ConfigError(f'data.renderer must be "reference" or "batch", got {self.data.renderer!r}')
         if self.train.seed >= 2**16:

@@ -116,7 +116,8 @@ def _shapeedit_config(config: TrainConfig):
     from ..data.shapes import ShapeEditConfig
 
     return ShapeEditConfig(frames=config.data.frames, height=config.data.height, width=config.data.width,
-                           family_weights=tuple(config.data.family_weights))
+                           family_weights=tuple(config.data.family_weights),
+                           motion_weights=tuple(config.data.motion_weights))
 
 
 _MASK64 = (1 << 64) - 1

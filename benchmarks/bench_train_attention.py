@@ -4,7 +4,7 @@ attention of one training step be?
 Self-attention over `[source | context]` (B=256 clips, 4 heads of 64, 2,048 tokens) and the
 cross-attention to the instruction (24 text tokens), forward and forward+backward, through each
 SDPA backend, with inputs laid out as the model passes them ([B, N, H, D] views) and contiguous.
-Milliseconds per call (CUDA events, after warm-up) and TFLOP/s (forward 4·B·H·Nq·Nk·D FLOPs,
+Milliseconds per call (synchronised wall time, after warm-up) and TFLOP/s (forward 4·B·H·Nq·Nk·D FLOPs,
 backward 2.5x that).
 
     python benchmarks/bench_train_attention.py --json bench_train_attention.json
@@ -13,29 +13,21 @@ backward 2.5x that).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
+from transformer_step import SDPA_BACKENDS, run_metadata, timed
 
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+BACKENDS = ("cudnn", "flash", "efficient")  # SDPA's math backend would materialise 2,048^2 scores per head
 
 
 def milliseconds(fn, iters: int) -> float:
-    for _ in range(3):
+    for _ in range(3):  # warm-up
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return 1e3 * timed(fn, torch.device("cuda"), iters)
 
 
 def measure(kind: str, layout: str, backend: str, batch: int, heads: int, queries: int, keys: int, head_dim: int,
@@ -57,7 +49,7 @@ def measure(kind: str, layout: str, backend: str, batch: int, heads: int, querie
     flop = 4 * batch * heads * queries * keys * head_dim
     row = {"kind": kind, "layout": layout, "backend": backend}
     try:
-        with sdpa_kernel(BACKENDS[backend]):
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
             fwd, both = milliseconds(forward, iters), milliseconds(forward_backward, iters)
     except RuntimeError as exc:  # a backend that refuses the shape is a row, not the end of the run
         return {**row, "error": str(exc).splitlines()[0][:200]}
@@ -85,8 +77,7 @@ def main(argv=None) -> dict:
             for backend in BACKENDS:
                 rows.append(measure(kind, layout, backend, args.batch, args.heads, args.tokens, keys, args.head_dim,
                                     args.iters, generator))
-    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "shape": vars(args) | {"json_path": None}, "rows": rows}
+    result = {**run_metadata(torch.device("cuda")), "shape": vars(args) | {"json_path": None}, "rows": rows}
     print(f"{result['device']}, torch {result['torch']}: B={args.batch}, H={args.heads}, D={args.head_dim}, "
           f"{args.tokens} tokens, {args.text_tokens} text tokens, bf16")
     print("| attention | layout | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |")

@@ -48,11 +48,12 @@ def test_bench_train_times_and_profiles_a_cpu_step(bench_train, tmp_path):
 
 
 @pytest.mark.cuda
-def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path):
+def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path, monkeypatch):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports its sibling transformer_step
     out = tmp_path / "attention.json"
     result = load_script(REPO / "benchmarks" / "bench_train_attention.py").main(
         ["--batch", "2", "--tokens", "256", "--iters", "2", "--json", str(out)])

@@ -239,12 +239,16 @@ class ShapeEditConfig:
 
     def family_of(self, seed: int) -> str:
         """The edit family of a seed drawn without one (see family_weights)."""
-        place = seed % sum(self.family_weights)
-        for family, weight in zip(FAMILIES, self.family_weights):
-            if place < weight:
-                return family
-            place -= weight
-        raise AssertionError("unreachable: place < sum(family_weights)")
+        return _option_at(FAMILIES, self.family_weights, seed % sum(self.family_weights))
+
+
+def _option_at(options, weights, place: int) -> str:
+    """The option whose run covers `place` when option i takes weights[i] consecutive places."""
+    for option, weight in zip(options, weights):
+        if place < weight:
+            return str(option)
+        place -= weight
+    raise ValueError(f"place {place} is past the {sum(weights)} places of the weights")
 
 
 @dataclass
@@ -438,12 +442,7 @@ def _pick(rng, options) -> str:
 def _pick_weighted(rng, options, weights) -> str:
     """One of ``options`` with probability proportional to ``weights``; with equal weights of 1, the
     same draw as `_pick`."""
-    place = int(rng.integers(sum(weights)))
-    for option, weight in zip(options, weights):
-        if place < weight:
-            return str(option)
-        place -= weight
-    raise AssertionError("unreachable: place < sum(weights)")
+    return _option_at(options, weights, int(rng.integers(sum(weights))))
 
 
 def _random_object(rng, shape, color, config: ShapeEditConfig) -> ShapeObject:

@@ -244,16 +244,14 @@ def format_summary(result: dict) -> str:
         gap = overall["isa"]["success_rate"] - overall["dense"]["success_rate"]
         lines.append(f"\nISA - dense success rate: {gap:+.1f} points over {overall['clips']} clips")
     if result.get("motion_by_kind"):
-        kinds = []
+        kinds, drift = [], []
         for kind, entry in result["motion_by_kind"].items():
             rates = " / ".join(f"{entry[mode]['success_rate']:.0f}" for mode in attentions)
             kinds.append(f"{kind} {rates} ({entry['clips']})")
-        lines.append(f"motion by kind, success % {' / '.join(attentions)} (clips): {', '.join(kinds)}")
-        drift = []
-        for kind, entry in result["motion_by_kind"].items():
             halves = entry[attentions[0]]["position_error_px"]
             drift.append(f"{kind} " + " -> ".join("-" if halves[h] is None else f"{halves[h]:.1f}"
                                                  for h in ("first_half", "second_half")))
+        lines.append(f"motion by kind, success % {' / '.join(attentions)} (clips): {', '.join(kinds)}")
         lines.append(f"motion by kind, {attentions[0]} median object position error px (first -> second half of "
                      f"the frames): {', '.join(drift)}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Training throughput of the tiny LIVEditor: clips/s and model TFLOP/s of the training loop's own
 optimizer step (`liveditor.training.loop.TrainStep`: codec, text encoder, flow-matching loss,
-backward, clipping, fused AdamW, EMA), eager vs regional `torch.compile`, dense vs ISA attention,
-for several batch sizes, in one run. Also the CPU data loader's clips/s with the loop's settings.
+backward, clipping, fused AdamW, EMA), eager vs regional `torch.compile` vs compiled blocks replayed
+as CUDA graphs (`train.cuda_graphs`; "graphs" rows), dense vs ISA attention, for several batch
+sizes, in one run. Also the CPU data loader's clips/s with the loop's settings.
 
 The step is timed on a pool of pre-rendered clips held on the device, as the loop's GPU renderer
 delivers them (so the numbers are the model's, not the loader's or an upload's); the loader is timed
@@ -154,6 +155,7 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile
     if profile_steps > 0:
         result["profile"] = profile_step(step_fn, batches, profile_steps, device)
     del step_fn, transformer, text_encoder
+    torch.compiler.reset()  # frees the CUDA-graph memory pools, which would crowd out the next row
     accelerator.free_memory()
     return result
 
@@ -176,7 +178,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--attention", nargs="+", choices=("dense", "isa"), default=["dense", "isa"])
-    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--compile", nargs="+", choices=("off", "on", "graphs"), default=["off", "on", "graphs"],
+                        help="eager, regional torch.compile, or compiled blocks as CUDA graphs")
     parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--loader-seconds", type=float, default=10.0, help="0 skips the data loader timing")
@@ -201,8 +204,8 @@ def main(argv=None) -> dict:
         for compiled in args.compile:
             for batch in args.batch_sizes:
                 config = load_config(args.config, args.overrides + [
-                    f'model.attention="{attention}"', f"train.compile={'true' if compiled == 'on' else 'false'}",
-                    f"train.batch_size={batch}"])
+                    f'model.attention="{attention}"', f"train.compile={'false' if compiled == 'off' else 'true'}",
+                    f"train.cuda_graphs={'true' if compiled == 'graphs' else 'false'}", f"train.batch_size={batch}"])
                 row = {"attention": attention, "compile": compiled, "batch": batch}
                 try:
                     row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup, args.profile_steps))

@@ -410,3 +410,38 @@ def test_procedural_training_clips_follow_data_family_and_motion_weights(rendere
         assert {e.metadata["edit"]["motion"] for e in expected} <= motions
     assert list(batch["instruction"]) == [e.instruction for e in expected]
     assert np.array_equal(np.asarray(batch["target"]), np.stack([e.target for e in expected]))
+
+
+def _start_event(output_dir):
+    return next(row for row in log_rows(output_dir) if row.get("event") == "start")
+
+
+def test_cuda_graphs_apply_only_to_compiled_blocks_on_cuda(tmp_path):
+    # On the CPU (and without compile) the setting is recorded as off and the step runs as before.
+    train(tiny_config(tmp_path, "train.max_steps=1", "train.cuda_graphs=true"), progress=False, export=False)
+    assert _start_event(tmp_path)["cuda_graphs"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_trains_what_the_compiled_step_trains(tmp_path):
+    # Replayed graphs reuse their output buffers: a step that read a buffer after the next replay
+    # overwrote it would move the weights differently. ISA with dense steps (two sets of graphs) and
+    # two accumulated micro-batches per step (a replay between forward and optimizer step).
+    from accelerate.utils import set_seed
+
+    extra = ["model.attention=\"isa\"", "train.dense_fraction=0.5", "train.compile=true", "train.batch_size=1",
+             "train.grad_accum_steps=2", "optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=4"]
+    moved = {}
+    for name, graphs in (("compiled", "false"), ("graphs", "true")):
+        config = tiny_config(tmp_path / name, *extra, f"train.cuda_graphs={graphs}")
+        train(config, progress=False, export=False)
+        set_seed(config.train.seed)
+        initial = build_components(config)[3].state_dict()
+        final = load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
+        moved[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
+        assert _start_event(tmp_path / name)["cuda_graphs"] is (graphs == "true")
+    scale = moved["compiled"].abs().max()
+    assert scale > 0
+    error = (moved["graphs"] - moved["compiled"]).abs().max() / scale
+    assert error < 1e-2, error

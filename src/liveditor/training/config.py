@@ -115,6 +115,9 @@ class TrainSection:
     #                                and target (dilated by edit_dilation pixels) counts 1 + this much
     edit_dilation: int = 2
     compile: bool = False  # torch.compile each transformer block (regional; GPU training)
+    cuda_graphs: bool = False  # with compile, on CUDA: replay the compiled blocks as CUDA graphs
+    #                            (torch.compile's "reduce-overhead"), so issuing a step costs the
+    #                            host a fraction of the kernels' launch time
     dense_fraction: float = 0.0  # with model.attention = "isa": this share of the steps (chosen by a
     #                              hash of seed, stage and step) trains dense attention instead, so the
     #                              weights serve both modes

@@ -447,9 +447,12 @@ class TrainStep:
         device = accelerator.device
         if config.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        # CUDA graphs: without them the host needs ~250 ms to issue the tiny model's step (about
+        # 10,000 launches), close to the GPU's time for it.
+        self.cuda_graphs = config.train.compile and config.train.cuda_graphs and device.type == "cuda"
         if config.train.compile:
             # Regional compilation: one graph per block type, reused by every layer.
-            transformer.compile_repeated_blocks(fullgraph=True)
+            transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead" if self.cuda_graphs else None)
         codec.to(device)
         self.ema = EMA({"text_encoder": text_encoder, "transformer": transformer}, config.train.ema_decay).to(device)
         optimizer = torch.optim.AdamW(
@@ -488,7 +491,11 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = None
-        for batch, seeds in micro_batches:
+        for index, (batch, seeds) in enumerate(micro_batches):
+            if self.cuda_graphs:
+                # A new iteration: the graphs' outputs of the last one (already consumed by its
+                # backward) may be overwritten.
+                torch.compiler.cudagraph_mark_step_begin()
             with accelerator.accumulate(self.transformer, self.text_encoder):
                 loss = self.loss(batch, seeds, mode)
                 accelerator.backward(loss)
@@ -496,6 +503,12 @@ class TrainStep:
                     accelerator.clip_grad_norm_(self.params, self.config.optim.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            if self.cuda_graphs and index < len(micro_batches) - 1:
+                # Autograd kept the first gradients as the graphs' own output buffers, which the
+                # next micro-batch's replay overwrites before it accumulates into them.
+                for param in self.params:
+                    if param.grad is not None:
+                        param.grad = param.grad.clone()
             total = loss.detach() if total is None else total + loss.detach()
         self.ema.update({"text_encoder": accelerator.unwrap_model(self.text_encoder),
                          "transformer": accelerator.unwrap_model(self.transformer)})
@@ -636,6 +649,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
         "attention": config.model.attention,
         "isa_config": dict(config.model.isa),
         "compile": t_cfg.compile,
+        "cuda_graphs": step_fn.cuda_graphs,
         "transformer_params": sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters()),
         "text_encoder_params": sum(p.numel() for p in accelerator.unwrap_model(text_encoder).parameters()),
         "tokens_per_clip": 2 * math.prod(

@@ -447,8 +447,8 @@ class TrainStep:
         device = accelerator.device
         if config.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        # CUDA graphs: without them the host needs ~250 ms to issue the tiny model's step (about
-        # 10,000 launches), close to the GPU's time for it.
+        # CUDA graphs: without them the host took 244 ms to issue the tiny model's ISA step, close
+        # to the GPU's 320 ms for it (one H100, docs/benchmarks.md).
         self.cuda_graphs = config.train.compile and config.train.cuda_graphs and device.type == "cuda"
         if config.train.compile:
             # Regional compilation: one graph per block type, reused by every layer.

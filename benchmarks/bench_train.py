@@ -21,10 +21,7 @@ kernels launched per step and the top kernels: what to attack when the step is t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +39,7 @@ from liveditor.training.loop import (
     sample_seeds,
     training_flops_per_clip,
 )
+from transformer_step import run_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,16 +224,8 @@ def main(argv=None) -> dict:
         loader = [time_loader(load_config(args.config, args.overrides + [f'data.renderer="{renderer}"']), args.loader_seconds)
                   for renderer in ("reference", "batch")]
 
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:  # no git where it runs
-        commit = ""
     result = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "commit": commit,
+        **run_metadata(device),
         "config": args.config,
         "overrides": args.overrides,
         "tokens_per_clip": 2 * (base.data.frames // base.codec.scale_factor_temporal)
@@ -245,7 +235,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "loader": loader,
     }
-    print(f"\n{result['device']}, torch {result['torch']}, commit {commit}, {result['tokens_per_clip']} tokens/clip, "
+    print(f"\n{result['device']}, torch {result['torch']}, commit {result['commit']}, {result['tokens_per_clip']} tokens/clip, "
           f"{flops / 1e9:.0f} GFLOP per training clip")
     print("| attention | compile | batch | clips/s | TFLOP/s | step ms | host ms | first steps s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ import math
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -115,7 +116,8 @@ def run_metadata(device: torch.device) -> dict:
     """Date, commit, card and versions of a run."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     try:

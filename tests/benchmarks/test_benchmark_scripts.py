@@ -4,6 +4,7 @@ These tests import every script and run the training benchmark end to end on a s
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,19 @@ SCRIPTS = sorted((REPO / "benchmarks").glob("*.py"))
 
 
 def load_script(path: Path):
+    """Import a benchmark script as running it does: its folder on sys.path, so siblings import."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.stem for p in SCRIPTS])
-def test_benchmark_script_imports(path, monkeypatch):
-    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: siblings import
+def test_benchmark_script_imports(path):
     module = load_script(path)
     assert path.stem == "transformer_step" or callable(getattr(module, "main", None))
 
@@ -48,12 +53,11 @@ def test_bench_train_times_and_profiles_a_cpu_step(bench_train, tmp_path):
 
 
 @pytest.mark.cuda
-def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path, monkeypatch):
+def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports its sibling transformer_step
     out = tmp_path / "attention.json"
     result = load_script(REPO / "benchmarks" / "bench_train_attention.py").main(
         ["--batch", "2", "--tokens", "256", "--iters", "2", "--json", str(out)])

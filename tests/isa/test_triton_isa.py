@@ -133,6 +133,25 @@ def test_pooling_kernel_matches_reference_and_reads_strided_inputs(seed):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+@pytest.mark.parametrize("H,D,b,dtype", [(4, 64, 16, torch.bfloat16), (3, 128, 32, torch.float32),
+                                         (2, 256, 64, torch.float16)])
+def test_pooling_programs_cover_every_head(H, D, b, dtype, layout, seed):
+    """A pooling program takes as many heads of a block as fit its tile (all four at D=64, b=16;
+    two at D=128, b=32, so three heads take two programs; one at D=256, b=64): every head and block
+    is the fp32 mean of its real tokens, on the model's [B, N, H, D] memory and on contiguous
+    [B, H, N, D]."""
+    B, L_src, L_ctx = 2, 3 * b + 5, 2 * b - 3
+    N = L_src + L_ctx
+    g = generator(seed)
+    x = [torch.randn(B, N, H, D, device=DEVICE, generator=g).to(dtype).transpose(1, 2) for _ in range(3)]
+    q, k, v = x if layout == "transposed" else (t.contiguous() for t in x)
+    blocks = block_layout(L_src, L_ctx, b, q.device)
+    for got, t in zip(ops.isa_pool(q, k, v, L_src, b), (q, k, v)):
+        torch.testing.assert_close(got, pool_blocks(t, blocks), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_exact_users_invert_the_exact_lists(seed):
     B, H, nb, n_kv, n_full = 2, 2, 9, 7, 3

@@ -279,3 +279,20 @@ def test_pack_and_row_wrappers_refuse_int64_and_strided_tables(planned):
         sparse_backward(torch.ones_like(q), q, k, v, plan.pooled_k, plan.pooled_v, plan.kept32, plan.query_order,
                         plan.exact_lists, plan.exact_mask, torch.zeros_like(q), torch.zeros(q.shape[:3]).double(),
                         False, L_src, b, n_full, 0.1)
+
+
+@pytest.mark.parametrize("exact_from_dense", [False, True])
+def test_backward_reads_strided_dout_and_out_as_dense(planned, exact_from_dense):
+    """The backward kernels read dout and out through their strides (the model's dout is a
+    transposed view): the same gradients, bit for bit, as from contiguous copies."""
+    (q, k, v), plan, L_src, b = planned
+    n_full = int(plan.exact_query.sum(-1).max())
+    tables = tuple(_tables(plan).values())
+    exact_out = gather_exact_rows(q, plan.query_order, L_src, b, n_full) if exact_from_dense else None
+    out, lse = sparse_forward(q, k, v, *tables, exact_out, L_src, b, n_full, 0.1)
+    dout = torch.randn(q.shape, device=DEVICE, generator=generator(7)).to(q.dtype)
+    split = (exact_from_dense, L_src, b, n_full, 0.1)
+    dense = sparse_backward(dout, q, k, v, *tables, out, lse, *split)
+    strided = sparse_backward(_transposed_copy(dout), q, k, v, *tables, _transposed_copy(out), lse, *split)
+    for a, r in zip(strided, dense):
+        assert torch.equal(a, r)

@@ -10,7 +10,7 @@ in place (no gathered copies), so block gathers and the final scatter are fused 
 
 Everything runs in the base-2 domain (logits times log2(e)); the saved log-sum-exp is natural.
 Backward recomputes probabilities from the saved log-sum-exp (FlashAttention style): one kernel
-for dq (per query block), one for dk/dv of exact key blocks (per kept block, over the query blocks
+for dq (per query block; it also forms rowsum(dout * out) for the others), one for dk/dv of exact key blocks (per kept block, over the query blocks
 that use it exactly) and one for the pooled keys/values (per chunk of kept blocks, over the Taylor
 query blocks).
 """
@@ -185,8 +185,8 @@ def _move_kept_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, KP, VP, KEPT, QORDER, ELIST, EMASK, DQ,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    Q, K, V, DO, O, LSE, DELTA, KP, VP, KEPT, QORDER, ELIST, EMASK, DQ,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sob, soh, son,
     H, N, L_src, n_src, nb, n_kv, n_full, n_exact, first_group, qk_scale, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -203,10 +203,13 @@ def _bwd_dq_kernel(
     row_ok = rows < q_len
     q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     tok = bh.to(tl.int64) * N + q_start + rows
-    do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :],
-                 other=0.0)
+    do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     lse2 = tl.load(LSE + tok, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
+    # delta = rowsum(dout * out), here for every row the backward reads (the dk/dv and pooled
+    # kernels run after this one and read it back): no fp32 copies of dout and out.
+    o = _load_rows(O, sob, soh, son, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + tok, delta, mask=row_ok)
 
     is_exact = g < n_full
     n_blocks = tl.where(is_exact, n_kv, n_exact)
@@ -250,7 +253,7 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, KEPT, USERS, N_USERS, DK, DV,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     H, N, L_src, n_src, nb, n_kv, qk_scale, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -278,7 +281,7 @@ def _bwd_dkdv_kernel(
         q_ok = rows < q_len
         q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
-        do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
+        do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         s_t = mma(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [keys, queries]
@@ -296,7 +299,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_pooled_kernel(
     Q, DO, LSE, DELTA, KP, VP, KEPT, QORDER, EMASK, DKP, DVP,
-    sqb, sqh, sqn,
+    sqb, sqh, sqn, sdb, sdh, sdn,
     H, N, L_src, n_src, nb, n_kv, n_full, qk_scale, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -324,7 +327,7 @@ def _bwd_pooled_kernel(
         q_ok = rows < q_len
         q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
-        do = tl.load(DO + tok[:, None] * HEAD_DIM + dims[None, :], mask=q_ok[:, None] & dmask, other=0.0)
+        do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         exact = tl.load(EMASK + (bh.to(tl.int64) * nb + qb) * n_kv + pidx, mask=pvalid, other=1)
@@ -556,11 +559,10 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     n_src, nb, n_kv, n_exact = _check_plan("sparse_backward", q, pooled_k, pooled_v, kept, query_order, exact_lists,
                                           exact_mask, num_source, block_size, num_full)
     _expect("sparse_backward", "lse", lse, torch.float32, (B, H, N), q.device)
-    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    dout = dout.contiguous()
+    q, k, v, dout, out = (last_dim_contiguous(x) for x in (q, k, v, dout, out))
     meta = _meta(q, block_size)
     options = _launch_options(block_size, D, backward=True)
-    delta = (dout.float() * out.float()).sum(-1)  # [B, H, N]
+    delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq = torch.zeros(B, H, N, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, H, N, D, device=q.device, dtype=k.dtype)
     dv = torch.zeros(B, H, N, D, device=q.device, dtype=v.dtype)
@@ -570,22 +572,22 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     qk_scale = scale * LOG2E.value
     if nb > first:
         _bwd_dq_kernel[(nb - first, B * H)](
-            q, k, v, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,
-            *_strides(q, k, v),
+            q, k, v, dout, out, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,
+            *_strides(q, k, v, dout, out),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, qk_scale, scale,
             BLOCK_P=POOLED_CHUNK, **meta, **options,
         )
     users, n_users = exact_users(exact_mask, query_order, num_full, not exact_from_dense)
     _bwd_dkdv_kernel[(n_kv, B * H)](
         q, k, v, dout, lse, delta, kept, users, n_users, dk, dv,
-        *_strides(q, k, v),
+        *_strides(q, k, v, dout),
         H, N, num_source, n_src, nb, n_kv, qk_scale, scale,
         **meta, **options,
     )
     if nb > num_full:
         _bwd_pooled_kernel[(triton.cdiv(n_kv, POOLED_CHUNK), B * H)](
             q, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_mask, dpk, dpv,
-            *_strides(q),
+            *_strides(q, dout),
             H, N, num_source, n_src, nb, n_kv, num_full, qk_scale, scale,
             BLOCK_P=POOLED_CHUNK, **meta, **options,
         )

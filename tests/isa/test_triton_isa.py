@@ -153,22 +153,26 @@ def test_pooling_programs_cover_every_head(H, D, b, dtype, layout, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_exact_users_invert_the_exact_lists(seed):
-    B, H, nb, n_kv, n_full = 2, 2, 9, 7, 3
+@pytest.mark.parametrize("nb,n_kv", [(9, 7), (100, 70)])
+def test_exact_users_invert_the_exact_lists(nb, n_kv, seed):
+    """Per key block (by id), its users in ascending order; none for a dropped block. 100 query
+    blocks take two steps of the users kernel, 70 kept blocks three programs."""
+    B, H, n_full = 2, 2, 3
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, H, nb, n_kv, generator=g) < 0.4
     order = torch.stack([torch.randperm(nb, generator=g) for _ in range(B * H)]).reshape(B, H, nb).to(torch.int32)
+    kept = torch.stack([torch.randperm(nb, generator=g)[:n_kv] for _ in range(B * H)]).reshape(B, H, n_kv)
     for in_kernel in (False, True):
-        users, n_users = exact_users(mask.to(torch.uint8), order, n_full, in_kernel)
-        exact_rows = set()
+        users, n_users = exact_users(mask.to(torch.uint8), order, kept.to(torch.int32), n_full, in_kernel)
         for bi in range(B):
             for hi in range(H):
                 exact_rows = set(order[bi, hi, :n_full].tolist())
-                for j in range(n_kv):
-                    want = [i for i in range(nb) if (i in exact_rows and in_kernel)
-                            or (i not in exact_rows and mask[bi, hi, i, j])]
-                    got = users[bi, hi, j, : n_users[bi, hi, j]].tolist()
-                    assert got == want, f"seed {seed}"
+                want = {blk: [] for blk in range(nb)}
+                for j, blk in enumerate(kept[bi, hi].tolist()):
+                    want[blk] = [i for i in range(nb) if (i in exact_rows and in_kernel)
+                                 or (i not in exact_rows and mask[bi, hi, i, j])]
+                got = {blk: users[bi, hi, blk, : n_users[bi, hi, blk]].tolist() for blk in range(nb)}
+                assert got == want, f"seed {seed}"
 
 
 @pytest.mark.parametrize("seed", [0])

@@ -252,29 +252,30 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KEPT, USERS, N_USERS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, USERS, N_USERS, DK, DV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, N, L_src, n_src, nb, n_kv, qk_scale, scale,
+    H, N, L_src, n_src, nb, qk_scale, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """dk, dv of the tokens of one kept block from every query block that attends to it exactly."""
-    j = tl.program_id(0)
+    """dk, dv of the tokens of one key block from every query block that attends to it exactly
+    (zeros for a block nobody does, a dropped context block among them: dk, dv need no zero fill)."""
+    kb = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
     hi = bh % H
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dmask = (dims < HEAD_DIM)[None, :]
-    kb = tl.load(KEPT + bh * n_kv + j)
     k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
     k_ok = rows < k_len
-    k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-    v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    n_users = tl.load(N_USERS + bh * nb + kb)
+    k_read = tl.where(n_users > 0, k_len, 0)  # an unused block's keys are not read
+    k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
+    v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    user_base = USERS + (bh.to(tl.int64) * n_kv + j) * nb
-    n_users = tl.load(N_USERS + bh * n_kv + j)
+    user_base = USERS + (bh.to(tl.int64) * nb + kb) * nb
     for u in range(n_users):
         qb = tl.load(user_base + u)
         q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
@@ -294,6 +295,40 @@ def _bwd_dkdv_kernel(
     out = (bh.to(tl.int64) * N + k_start + rows)[:, None] * HEAD_DIM + dims[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & dmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dmask)
+
+
+@triton.jit
+def _users_kernel(
+    EMASK, EXACT_ROWS, KEPT, USERS, N_USERS, nb, n_kv, EXACT_IN_KERNEL: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """For BLOCK_J kept blocks of one (batch, head): the query blocks that attend to their tokens
+    exactly in these kernels, ascending, at USERS[bh, key block, :count], and the count at N_USERS.
+
+    A kept block's users are the flat query blocks whose exact mask marks it, and with
+    EXACT_IN_KERNEL every exact-group block too (EXACT_ROWS: 1 for those).
+    """
+    jt = tl.program_id(0)
+    bh = tl.program_id(1)
+    js = jt * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = js < n_kv
+    key_rows = bh.to(tl.int64) * nb + tl.load(KEPT + bh * n_kv + js, mask=j_ok, other=0)  # [BLOCK_J]
+    count = tl.zeros([BLOCK_J], tl.int32)
+    for q0 in range(0, nb, BLOCK_Q):
+        qbs = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = qbs < nb
+        exact = tl.load(EMASK + (bh.to(tl.int64) * nb + qbs[:, None]) * n_kv + js[None, :],
+                        mask=q_ok[:, None] & j_ok[None, :], other=0) != 0
+        group = tl.load(EXACT_ROWS + bh * nb + qbs, mask=q_ok, other=0)[:, None]
+        if EXACT_IN_KERNEL:
+            uses = exact | (group != 0)
+        else:
+            uses = exact & (group == 0)
+        uses = (uses & j_ok[None, :]).to(tl.int32)  # [BLOCK_Q, BLOCK_J]
+        position = count[None, :] + tl.cumsum(uses, axis=0) - 1
+        tl.store(USERS + key_rows[None, :] * nb + position, qbs[:, None], mask=uses != 0)
+        count += tl.sum(uses, axis=0)
+    tl.store(N_USERS + key_rows, count, mask=j_ok)
 
 
 @triton.jit
@@ -528,25 +563,27 @@ def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torc
     return dk, dv
 
 
-def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, num_full: int, exact_in_kernel: bool):
-    """For every kept block, the query blocks that attend to its tokens exactly in these kernels.
+USERS_TILE = (64, 32)  # (query blocks, kept blocks) per step of the users kernel
 
-    Returns (users [B,H,n_kv,nb] int32, first n_users entries valid; n_users [B,H,n_kv] int32).
+
+def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, kept: torch.Tensor, num_full: int,
+                exact_in_kernel: bool):
+    """For every key block, the query blocks that attend to its tokens exactly in these kernels.
+
+    Returns (users [B,H,nb,nb] int32 by key block id, first n_users entries valid (ascending), the
+    rest unset; n_users [B,H,nb] int32, 0 for a dropped context block).
     """
     B, H, nb, n_kv = exact_mask.shape
-    uses = exact_mask.bool()
-    exact_rows = torch.zeros(B, H, nb, dtype=torch.bool, device=uses.device)
-    exact_rows.scatter_(-1, query_order[..., :num_full].long(), True)
-    uses = uses & ~exact_rows[..., None]
-    if exact_in_kernel:
-        uses = uses | exact_rows[..., None]
-    uses_t = uses.transpose(-1, -2)  # [B, H, n_kv, nb]
-    position = uses_t.to(torch.int32).cumsum(-1) - 1
-    position = torch.where(uses_t, position, torch.full_like(position, nb))  # unused -> spill column
-    users = torch.zeros(B, H, n_kv, nb + 1, dtype=torch.int32, device=uses.device)
-    block_ids = torch.arange(nb, dtype=torch.int32, device=uses.device).expand(B, H, n_kv, nb)
-    users.scatter_(-1, position.long(), block_ids)
-    return users[..., :nb].contiguous(), uses_t.sum(-1, dtype=torch.int32)
+    exact_rows = torch.zeros(B, H, nb, dtype=torch.uint8, device=exact_mask.device)
+    exact_rows.scatter_(-1, query_order[..., :num_full].long(), 1)
+    users = torch.empty(B, H, nb, nb, dtype=torch.int32, device=exact_mask.device)
+    n_users = torch.zeros(B, H, nb, dtype=torch.int32, device=exact_mask.device)  # dropped blocks stay 0
+    block_q, block_j = USERS_TILE
+    _users_kernel[(triton.cdiv(n_kv, block_j), B * H)](
+        exact_mask, exact_rows, kept, users, n_users, nb, n_kv, EXACT_IN_KERNEL=exact_in_kernel,
+        BLOCK_Q=block_q, BLOCK_J=block_j,
+    )
+    return users, n_users
 
 
 def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
@@ -564,8 +601,8 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     options = _launch_options(block_size, D, backward=True)
     delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq = torch.zeros(B, H, N, D, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(B, H, N, D, device=q.device, dtype=k.dtype)
-    dv = torch.zeros(B, H, N, D, device=q.device, dtype=v.dtype)
+    dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)  # the dk/dv kernel writes every key block
+    dv = torch.empty(B, H, N, D, device=q.device, dtype=v.dtype)
     dpk = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
     dpv = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
     first = num_full if exact_from_dense else 0
@@ -577,11 +614,11 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, qk_scale, scale,
             BLOCK_P=POOLED_CHUNK, **meta, **options,
         )
-    users, n_users = exact_users(exact_mask, query_order, num_full, not exact_from_dense)
-    _bwd_dkdv_kernel[(n_kv, B * H)](
-        q, k, v, dout, lse, delta, kept, users, n_users, dk, dv,
+    users, n_users = exact_users(exact_mask, query_order, kept, num_full, not exact_from_dense)
+    _bwd_dkdv_kernel[(nb, B * H)](
+        q, k, v, dout, lse, delta, users, n_users, dk, dv,
         *_strides(q, k, v, dout),
-        H, N, num_source, n_src, nb, n_kv, qk_scale, scale,
+        H, N, num_source, n_src, nb, qk_scale, scale,
         **meta, **options,
     )
     if nb > num_full:

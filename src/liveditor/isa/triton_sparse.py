@@ -600,11 +600,14 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     meta = _meta(q, block_size)
     options = _launch_options(block_size, D, backward=True)
     delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
-    dq = torch.zeros(B, H, N, D, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)  # the dk/dv kernel writes every key block
+    # Zero fills only where no kernel writes: the exact group's dq rows when the dense kernel's
+    # backward gives them, the pooled gradients when no Taylor block exists. The dk/dv kernel writes
+    # every key block.
+    dq = (torch.zeros if exact_from_dense else torch.empty)(B, H, N, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, N, D, device=q.device, dtype=v.dtype)
-    dpk = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
-    dpv = torch.zeros(B, H, n_kv, D, device=q.device, dtype=torch.float32)
+    pooled_fill = torch.empty if nb > num_full else torch.zeros
+    dpk, dpv = (pooled_fill(B, H, n_kv, D, device=q.device, dtype=torch.float32) for _ in range(2))
     first = num_full if exact_from_dense else 0
     qk_scale = scale * LOG2E.value
     if nb > first:

@@ -288,10 +288,11 @@ def plan_isa(q, k, v, num_source: int, config: ISAConfig, scale: float) -> ISAPl
     B, H, N, D = q.shape
     counts = block_counts(num_source, N - num_source, config)
     qc, kc, vc = isa_pool(q, k, v, num_source, config.block_size)
-    _, probs, kept, selected, exact_query, exact_key = coarse_decisions(qc, kc, scale, counts, config)
+    _, probs, kept, selected, exact_query, exact_key, exact_key_list = coarse_decisions(qc, kc, scale, counts,
+                                                                                        config)
     query_order = torch.sort(exact_query.to(torch.uint8), dim=-1, descending=True, stable=True).indices
     exact_mask = exact_key.to(torch.uint8).contiguous()
-    exact_lists = exact_mask.topk(counts.num_exact, dim=-1).indices.to(torch.int32).contiguous()
+    exact_lists = exact_key_list.to(torch.int32).contiguous()  # the kernels' order: largest coarse logit first
     kept_index = kept[..., None].expand(B, H, counts.num_kept, D)
     return ISAPlan(
         probs=probs, vc=vc, kept=kept, kept32=kept.to(torch.int32).contiguous(), selected=selected,

@@ -35,7 +35,8 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
     """Coarse map, context pre-selection, sharpness routing and Taylor exact-block choice.
 
     Returns (coarse logits S, coarse probs P, kept key blocks [B,H,n_kv], selected context blocks
-    [B,H,n_sel], exact query mask [B,H,nb], exact-key-block mask [B,H,nb,n_kv]; None for joint
+    [B,H,n_sel], exact query mask [B,H,nb], exact-key-block mask [B,H,nb,n_kv] and the same blocks
+    listed [B,H,nb,n_exact] (positions in kept, largest coarse logit first); both None for joint
     blocking, which chooses exact key blocks on the re-blocked kept tokens).
     """
     n_src = counts.num_source_blocks
@@ -59,12 +60,13 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
     exact_query = torch.zeros(B, H, nb, dtype=torch.bool, device=qc.device)
     exact_query.scatter_(-1, sharpness.topk(counts.num_full, dim=-1).indices, True)
     if config.blocking == "joint":
-        return logits, probs, kept, selected, exact_query, None
+        return logits, probs, kept, selected, exact_query, None, None
 
     kept_logits = logits.gather(-1, kept[:, :, None, :].expand(B, H, nb, kept.shape[-1]))
+    exact_key_list = kept_logits.topk(counts.num_exact, dim=-1).indices
     exact_key = torch.zeros_like(kept_logits, dtype=torch.bool)
-    exact_key.scatter_(-1, kept_logits.topk(counts.num_exact, dim=-1).indices, True)
-    return logits, probs, kept, selected, exact_query, exact_key
+    exact_key.scatter_(-1, exact_key_list, True)
+    return logits, probs, kept, selected, exact_query, exact_key, exact_key_list
 
 
 def _softmax_attend(logits, values, pooled_logits=None, pooled_values=None):
@@ -162,7 +164,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     nb, n_kv = counts.num_blocks, counts.num_kept
 
     qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
-    logits, probs, kept, selected, exact_query, exact_key = coarse_decisions(qc, kc, scale, counts, config)
+    logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
     kept_slots = layout.token_index[kept]  # [B, H, n_kv, b]
@@ -254,7 +256,7 @@ def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scal
     nb = counts.num_blocks
     dtype = decision_dtype(q.dtype)
     qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
-    _, probs, _, selected, exact_query, _ = coarse_decisions(qc, kc, scale, counts, config)
+    _, probs, _, selected, exact_query, _, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     pad = nb * b - N
     k_pad, v_pad = (F.pad(x.to(dtype), (0, 0, 0, pad)) for x in (k, v))

@@ -14,7 +14,7 @@ from kernel_checks import forward_and_grads, max_err
 
 from liveditor.isa import ISAConfig, dispatch, isa_attention
 from liveditor.isa.reference import isa_attention_torch, pool_blocks
-from liveditor.isa.layout import block_layout
+from liveditor.isa.layout import block_layout, token_blocks
 
 pytest.importorskip("triton")
 from liveditor.isa import ops  # noqa: E402
@@ -22,6 +22,7 @@ from liveditor.isa.triton_sparse import (  # noqa: E402
     exact_users,
     gather_exact_rows,
     pack_kept,
+    scatter_exact_rows,
     sparse_backward,
     sparse_forward,
 )
@@ -300,3 +301,16 @@ def test_backward_reads_strided_dout_and_out_as_dense(planned, exact_from_dense)
     strided = sparse_backward(_transposed_copy(dout), q, k, v, *tables, _transposed_copy(out), lse, *split)
     for a, r in zip(strided, dense):
         assert torch.equal(a, r)
+
+
+def test_scatter_exact_rows_zeroes_the_taylor_rows(planned):
+    """The exact group's rows at their tokens, every other token exactly zero (written by the
+    kernel: the output is not zero-filled first)."""
+    (q, k, v), plan, L_src, b = planned
+    n_full = int(plan.exact_query.sum(-1).max())
+    N = q.shape[2]
+    packed = gather_exact_rows(q, plan.query_order, L_src, b, n_full)
+    torch.full_like(q, float("nan"))  # leave non-zero garbage where the output may be allocated
+    out = scatter_exact_rows(packed, plan.query_order, L_src, b, N)
+    exact_token = plan.exact_query[:, :, token_blocks(L_src, N - L_src, b, q.device)]  # [B, H, N]
+    assert torch.equal(out, torch.where(exact_token[..., None], q, torch.zeros_like(q)))

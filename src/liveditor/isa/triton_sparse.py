@@ -119,7 +119,8 @@ def _move_rows_kernel(
 ):
     """Exact-group query rows between packed `[B, H, n_full*b, D]` (query_order) and token order.
 
-    TO_TOKENS: packed -> tokens (output scatter); else tokens -> packed, padding rows zeroed.
+    TO_TOKENS: packed -> tokens (output scatter); programs past the exact group (g >= n_full),
+    where launched, write zeros to their blocks' tokens. Else tokens -> packed, padding rows zeroed.
     (stb, sth, stn): strides of the token-ordered tensor; the packed one is contiguous.
     """
     g = tl.program_id(0)
@@ -135,7 +136,8 @@ def _move_rows_kernel(
     tokens = bi.to(tl.int64) * stb + hi.to(tl.int64) * sth + (start + rows)[:, None].to(tl.int64) * stn + dims[None, :]
     valid = (rows < length)[:, None] & dmask
     if TO_TOKENS:
-        x = tl.load(SRC + packed, mask=valid, other=0.0)
+        packed_len = tl.where(g < n_full, length, 0)
+        x = tl.load(SRC + packed, mask=(rows < packed_len)[:, None] & dmask, other=0.0)
         tl.store(DST + tokens, x, mask=valid)
     else:
         x = tl.load(SRC + tokens, mask=valid, other=0.0)
@@ -522,9 +524,9 @@ def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_sour
     num_full = packed.shape[2] // block_size
     n_src, nb = _check_query_order("scatter_exact_rows", query_order, B, H, num_tokens, num_source, block_size,
                                    num_full, packed.device)
-    out = torch.zeros(B, H, num_tokens, D, device=packed.device, dtype=packed.dtype)
+    out = torch.empty(B, H, num_tokens, D, device=packed.device, dtype=packed.dtype)
     meta = _meta(packed, block_size)
-    _move_rows_kernel[(num_full, B * H)](
+    _move_rows_kernel[(nb, B * H)](  # every query block: the Taylor group's tokens get zeros, no fill first
         packed.contiguous(), out, query_order, *out.stride()[:3], H, num_tokens, num_source, n_src, nb, num_full,
         TO_TOKENS=True, BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )

@@ -199,6 +199,19 @@ def test_auto_backend_runs_the_kernels_on_cuda(seed):
 
 
 @pytest.mark.parametrize("seed", [0])
+def test_training_under_autocast_routes_and_attends_as_inference_does(seed):
+    # The training step runs the kernels under bf16 autocast; its routing must be inference's.
+    q, k, v = draw(2, 8, 2048, 64, torch.bfloat16, seed)
+    config = ISAConfig(block_size=16, select_ratio=0.5, full_ratio=0.4, exact_ratio=0.0625)
+    out, info = isa_attention(q, k, v, 1024, config, backend="triton", return_info=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        autocast_out, autocast_info = isa_attention(q, k, v, 1024, config, backend="triton", return_info=True)
+    assert torch.equal(autocast_info.exact_query_blocks, info.exact_query_blocks)
+    assert torch.equal(autocast_info.selected_context_blocks, info.selected_context_blocks)
+    assert torch.equal(autocast_out, out)
+
+
+@pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("L_ctx", [192, 200], ids=["whole-blocks", "partial-block"])
 def test_cuda_graph_capture_replays_on_new_inputs(L_ctx, seed):
     """No host sync in the hot path: the whole operator (routing included) captures and replays."""

@@ -384,3 +384,17 @@ def test_gradients_flow_through_chunked_checkpointed_path(monkeypatch, seed):
     for a, b in zip(grads_chunked, (q.grad, k.grad, v.grad)):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_under_autocast_routes_as_inference_does(seed):
+    # Training runs under bf16 autocast, inference does not: the coarse logits that every routing
+    # decision is taken from must be formed in fp32 either way, not rounded to bf16 by autocast.
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 8, 512, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    config = ISAConfig(block_size=16, select_ratio=0.5, full_ratio=0.4, exact_ratio=0.0625)
+    _, plain = isa_attention(q, k, v, 256, config, return_info=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, autocast = isa_attention(q, k, v, 256, config, return_info=True)
+    assert torch.equal(autocast.exact_query_blocks, plain.exact_query_blocks)
+    assert torch.equal(autocast.selected_context_blocks, plain.selected_context_blocks)

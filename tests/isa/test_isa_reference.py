@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liveditor.isa import ISAConfig, dense_attention, isa_attention
+from liveditor.isa import ISAConfig, coarse_residual, dense_attention, isa_attention
 from liveditor.isa import reference
 from liveditor.isa.config import block_counts
 from liveditor.isa.layout import block_layout, sequence_tile_permutation, tile_permutation
@@ -387,14 +387,20 @@ def test_gradients_flow_through_chunked_checkpointed_path(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_training_under_autocast_routes_as_inference_does(seed):
-    # Training runs under bf16 autocast, inference does not: the coarse logits that every routing
-    # decision is taken from must be formed in fp32 either way, not rounded to bf16 by autocast.
+@pytest.mark.parametrize("blocking", ["separate", "joint"])
+def test_training_under_autocast_routes_as_inference_does(blocking, seed):
+    # Training runs under bf16 autocast, inference does not: the operator must compute in its own
+    # precision either way, not let autocast round its coarse map and logits to bf16.
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 8, 512, 64, generator=g).to(torch.bfloat16) for _ in range(3))
-    config = ISAConfig(block_size=16, select_ratio=0.5, full_ratio=0.4, exact_ratio=0.0625)
-    _, plain = isa_attention(q, k, v, 256, config, return_info=True)
+    gate = torch.rand(2, 512, generator=g).to(torch.bfloat16)
+    config = ISAConfig(block_size=16, select_ratio=0.5, full_ratio=0.4, exact_ratio=0.0625, blocking=blocking)
+    out, info = isa_attention(q, k, v, 256, config, gate=gate, return_info=True)
+    residual = coarse_residual(q, k, v, 256, gate, config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, autocast = isa_attention(q, k, v, 256, config, return_info=True)
-    assert torch.equal(autocast.exact_query_blocks, plain.exact_query_blocks)
-    assert torch.equal(autocast.selected_context_blocks, plain.selected_context_blocks)
+        autocast_out, autocast_info = isa_attention(q, k, v, 256, config, gate=gate, return_info=True)
+        autocast_residual = coarse_residual(q, k, v, 256, gate, config)
+    assert torch.equal(autocast_info.exact_query_blocks, info.exact_query_blocks)
+    assert torch.equal(autocast_info.selected_context_blocks, info.selected_context_blocks)
+    assert torch.equal(autocast_out, out)
+    assert torch.equal(autocast_residual, residual)

@@ -99,12 +99,20 @@ def isa_attention(
             gate = gate[:, order]
 
     compute = resolve_backend(backend, q, config)
-    result = compute(q, k, v, num_source, config, gate, float(scale), return_info)
+    with _own_precision(q):
+        result = compute(q, k, v, num_source, config, gate, float(scale), return_info)
     if order is None:
         return result
     out, info = result if return_info else (result, None)
     out = out[:, :, torch.argsort(order)]
     return (out, info) if return_info else out
+
+
+def _own_precision(q: torch.Tensor):
+    """ISA computes in its own precision (fp32 pooling, coarse map, routing and logits from the
+    input-dtype q, k, v), as its kernels do: autocast (a training step) would round the PyTorch
+    path's matmuls to bf16 and so route differently from inference on the same inputs."""
+    return torch.autocast(q.device.type, enabled=False)
 
 
 def _token_order(config: ISAConfig, num_source: int, n_tokens: int, grid, device) -> torch.Tensor | None:
@@ -146,9 +154,10 @@ def coarse_residual(
     if order is not None:
         q, k, v, gate = q[:, :, order], k[:, :, order], v[:, :, order], gate[:, order]
     layout = block_layout(num_source, N - num_source, config.block_size, q.device)
-    qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
-    probs = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)
-    residual = (probs @ vc)[:, :, layout.token_block] * gate.reshape(B, 1, N, 1).to(probs.dtype)
+    with _own_precision(q):
+        qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+        probs = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)
+        residual = (probs @ vc)[:, :, layout.token_block] * gate.reshape(B, 1, N, 1).to(probs.dtype)
     if order is not None:
         residual = residual[:, :, torch.argsort(order)]
     return residual.to(q.dtype)

@@ -40,10 +40,7 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
     blocking, which chooses exact key blocks on the re-blocked kept tokens).
     """
     n_src = counts.num_source_blocks
-    # Training runs under autocast, which would round these logits to bf16: every routing decision
-    # is taken from them, so they stay in the pooled (decision) dtype, as in inference.
-    with torch.autocast(qc.device.type, enabled=False):
-        logits = (qc @ kc.transpose(-1, -2)) * scale
+    logits = (qc @ kc.transpose(-1, -2)) * scale
     probs = torch.softmax(logits, dim=-1)
     B, H, nb, _ = probs.shape
     src_blocks = torch.arange(n_src, device=qc.device).expand(B, H, n_src)

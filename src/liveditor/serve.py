@@ -191,34 +191,38 @@ class PageEditor:
         from .data.video_io import to_uint8_frames
         from .eval.explain import ExplainProbe, model_input_frames
 
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise LIVEditorError("the edit instruction is empty")
-        clip = self.check_video(video_path)
         visitor = self.visitor(session)
-        attention_kwargs = {}
-        if settings.attention is not None:
-            if settings.attention not in ("isa", "dense"):
-                raise LIVEditorError(f"attention must be isa or dense, got {settings.attention!r}")
-            attention_kwargs["mode"] = settings.attention
-        ratios = {k: getattr(settings, k) for k in ("select_ratio", "full_ratio", "exact_ratio")}
-        ratios = {k: float(v) for k, v in ratios.items() if v is not None}
-        try:
-            attention_kwargs["isa_config"] = replace(self.pipe.transformer.isa_config, **ratios)
-        except ValueError as exc:
-            raise LIVEditorError(str(exc)) from None
-        steps, guidance = self.pipe.sampling_settings(settings.steps, settings.guidance)
-        if isinstance(steps, float) and steps.is_integer():
-            steps = int(steps)
-        if not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise LIVEditorError(f"steps must be a whole number from 1 to 1000, got {steps}")
-        seed = random.SystemRandom().randrange(2**31) if settings.seed is None else int(settings.seed)
-        mode = attention_kwargs.get("mode", self.pipe.transformer.attention_mode)
-
         with self._visitors_lock:
+            # From the request's arrival, not the pipeline's start: a Cancel pressed while the upload is
+            # checked counts too (the page shows the edit as running from the click on).
             visitor.editing = True
         try:
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise LIVEditorError("the edit instruction is empty")
+            clip = self.check_video(video_path)
+            attention_kwargs = {}
+            if settings.attention is not None:
+                if settings.attention not in ("isa", "dense"):
+                    raise LIVEditorError(f"attention must be isa or dense, got {settings.attention!r}")
+                attention_kwargs["mode"] = settings.attention
+            ratios = {k: getattr(settings, k) for k in ("select_ratio", "full_ratio", "exact_ratio")}
+            ratios = {k: float(v) for k, v in ratios.items() if v is not None}
+            try:
+                attention_kwargs["isa_config"] = replace(self.pipe.transformer.isa_config, **ratios)
+            except ValueError as exc:
+                raise LIVEditorError(str(exc)) from None
+            steps, guidance = self.pipe.sampling_settings(settings.steps, settings.guidance)
+            if isinstance(steps, float) and steps.is_integer():
+                steps = int(steps)
+            if not isinstance(steps, int) or not 1 <= steps <= 1000:
+                raise LIVEditorError(f"steps must be a whole number from 1 to 1000, got {steps}")
+            seed = random.SystemRandom().randrange(2**31) if settings.seed is None else int(settings.seed)
+            mode = attention_kwargs.get("mode", self.pipe.transformer.attention_mode)
+
             with self._pipeline_lock:
                 cancel = visitor.cancel
+                if cancel.is_set():  # pressed while the upload was checked or the edit waited for the pipeline
+                    raise EditCancelled(f"edit cancelled after step 0 of {steps}")
                 probe = None
                 if mode == "isa":
                     explain_step = None if settings.explain_step is None else min(settings.explain_step, steps - 1)

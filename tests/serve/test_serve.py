@@ -92,6 +92,25 @@ def test_cancel_stops_after_the_current_step(editor):
     assert done.output.exists()
 
 
+def test_cancel_pressed_while_the_upload_is_checked_stops_the_edit(editor, monkeypatch):
+    # The page shows an edit as running from the click on; a Cancel pressed before the first
+    # denoising step (here: during the upload's check) must not leave the edit running unseen.
+    check_video = editor.check_video
+
+    def check_and_press_cancel(path, name=None):
+        editor.cancel("visitor-e")
+        return check_video(path, name)
+
+    monkeypatch.setattr(editor, "check_video", check_and_press_cancel)
+    steps_seen = []
+    with pytest.raises(EditCancelled, match="after step 0 of 6"):
+        editor.edit("visitor-e", example_input_path(), INSTRUCTION, EditSettings(steps=6),
+                    progress=lambda done, total: steps_seen.append(done))
+    assert steps_seen == []
+    monkeypatch.undo()
+    assert editor.edit("visitor-e", example_input_path(), INSTRUCTION, EditSettings(steps=1)).output.exists()
+
+
 def test_a_visitor_who_leaves_stops_their_edit(editor):
     folder = editor.visitor("visitor-d").folder
 

@@ -142,6 +142,38 @@ def test_context_restarts_rope_positions_on_the_same_grid():
 
 
 @torch.no_grad()
+def test_absolute_position_embedding_starts_as_a_no_op_on_trained_weights():
+    plain = _model()
+    placed = _model(absolute_position_embedding=True)
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["position_embedding.weight"] and unexpected == []
+    x, t, text, ctx = _inputs(frames=3, height=4, width=8)
+    torch.testing.assert_close(placed(x, t, text, ctx).sample, plain(x, t, text, ctx).sample, rtol=0, atol=0)
+
+
+def test_absolute_position_embedding_gives_each_grid_position_its_own_vector_in_source_and_context():
+    model = _model(absolute_position_embedding=True)
+    torch.nn.init.normal_(model.position_embedding.weight, generator=torch.Generator().manual_seed(3))
+    captured = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    x, t, text, ctx = _inputs(frames=3, height=6, width=10)
+    with torch.no_grad():
+        model(x, t, text, ctx)
+        weight = model.position_embedding.weight.clone()
+        model.position_embedding.weight.zero_()
+        model(x, t, text, ctx)
+        model.position_embedding.weight.copy_(weight)
+    added = captured[0] - captured[1]  # (tokens + position) - tokens: fp32 rounding of the tokens only
+    n = 3 * 3 * 5
+    torch.testing.assert_close(added[:, n:], added[:, :n])  # the context restarts on the same grid
+    assert torch.cdist(added[0, :n], added[0, :n]).add(torch.eye(n)).min() > 1e-2  # 45 distinct positions
+    # Trainable: the loss reaches the projection.
+    model.position_embedding.weight.requires_grad_(True)
+    model(x, t, text, ctx).sample.square().mean().backward()
+    assert model.position_embedding.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
 def test_attention_mode_and_isa_config_survive_save_and_load(tmp_path):
     model = _model()
     config = ISAConfig(block_size=16, select_ratio=0.5, full_ratio=0.75, exact_ratio=0.25, token_order="tile", tile=(1, 2, 2))

@@ -146,6 +146,15 @@ def test_init_from_a_pipeline_folder(tmp_path):
     with pytest.raises(LIVEditorError, match="does not match"):
         train(tiny_config(tmp_path / "c", "train.max_steps=1", "model.ffn_dim=64",
                           f'train.init_from="{first.pipeline_dir}"'), progress=False)
+    # An addition that starts as a no-op (the zero-initialised absolute position embedding) may
+    # start from a folder without it; every other tensor is the folder's.
+    train(tiny_config(tmp_path / "e", "train.max_steps=1", "optim.lr=1e-30", "model.absolute_position_embedding=true",
+                      f'train.init_from="{first.pipeline_dir}"'), progress=False, export=False)
+    placed = load_file(tmp_path / "e" / CHECKPOINT_DIR / "model.safetensors")
+    assert placed.keys() - reference.keys() == {"position_embedding.weight"}
+    assert placed["position_embedding.weight"].abs().max() < 1e-20
+    for key, value in reference.items():
+        torch.testing.assert_close(placed[key], value.float(), msg=key)
 
 
 def test_a_resumed_stage_records_the_folder_it_started_from(tmp_path):

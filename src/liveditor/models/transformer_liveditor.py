@@ -85,6 +85,29 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Angular frequencies (times pi/2) of the absolute position features; on coordinates in [-1, 1] the
+# highest has a period of half the axis, i.e. 2 tokens on an 8-token axis.
+POSITION_FREQUENCIES = (1, 2, 4, 8)
+
+
+def grid_position_features(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """float32 ``[F*H*W, 3 * (1 + 2 * len(POSITION_FREQUENCIES))]`` features of each token's
+    (frame, row, column), raster order: per axis the coordinate of the token's centre in [-1, 1] and
+    sin/cos of it at POSITION_FREQUENCIES * pi / 2."""
+    axes = []
+    for n in grid:
+        centre = (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
+        angles = centre[:, None] * torch.tensor(POSITION_FREQUENCIES, device=device, dtype=torch.float32) * (math.pi / 2)
+        axes.append(torch.cat([centre[:, None], angles.sin(), angles.cos()], dim=1))
+    f, h, w = (a.shape[1] for a in axes)
+    frames, rows, columns = axes
+    return torch.cat([
+        frames[:, None, None, :].expand(-1, grid[1], grid[2], f),
+        rows[None, :, None, :].expand(grid[0], -1, grid[2], h),
+        columns[None, None, :, :].expand(grid[0], grid[1], -1, w),
+    ], dim=-1).reshape(math.prod(grid), f + h + w)
+
+
 class LIVEditorTransformerBlock(WanTransformerBlock):
     """A Wan block whose self-attention runs LIVEditorAttnProcessor and owns a coarse-residual gate.
 
@@ -130,6 +153,12 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     qk_norm, eps, rope_max_seq_len) plus:
         attention: "isa" (default) or "dense" self-attention.
         isa_config: the ISAConfig fields as a dict (None: the paper's defaults).
+        absolute_position_embedding: add a learned projection of fixed Fourier features of each
+            token's (frame, row, column) on the latent grid to the source and context tokens alike
+            (the context restarts at the same grid, as with RoPE); False (Wan's model) has none.
+            RoPE makes attention weights depend on how far apart two tokens are, but no token's
+            value says where it is, so no layer can read off where an object is and compute where
+            it moves to. Zero-initialised: adding it to trained weights leaves their function as it was.
 
     forward(hidden_states, timestep, encoder_hidden_states, context_latents): `hidden_states` is the
     noisy source latent `[B, C, F, H, W]`, `context_latents` the clean input-video latent of the same
@@ -138,10 +167,12 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _skip_layerwise_casting_patterns = ["patch_embedding", "context_embedding", "condition_embedder", "norm"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "context_embedding", "position_embedding", "condition_embedder", "norm"]
     _no_split_modules = ["LIVEditorTransformerBlock"]
     _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _repeated_blocks = ["LIVEditorTransformerBlock"]
+    # Starting from weights without it is lossless (zero-initialised, see absolute_position_embedding).
+    _keys_to_ignore_on_load_missing = [r"^position_embedding\."]
 
     @register_to_config
     def __init__(
@@ -161,6 +192,7 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         rope_max_seq_len: int = 1024,
         attention: str = "isa",
         isa_config: dict | None = None,
+        absolute_position_embedding: bool = False,
     ):
         super().__init__()
         if attention not in ATTENTION_MODES:
@@ -174,6 +206,10 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         self.context_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.position_embedding = None
+        if absolute_position_embedding:
+            self.position_embedding = nn.Linear(3 * (1 + 2 * len(POSITION_FREQUENCIES)), inner_dim, bias=False)
+            nn.init.zeros_(self.position_embedding.weight)
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=inner_dim, time_freq_dim=freq_dim, time_proj_dim=inner_dim * 6, text_embed_dim=text_dim
         )
@@ -275,6 +311,10 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         dtype = self.patch_embedding.weight.dtype
         source = self.patch_embedding(hidden_states.to(dtype)).flatten(2).transpose(1, 2)
         context = self.context_embedding(context_latents.to(dtype)).flatten(2).transpose(1, 2)
+        if self.position_embedding is not None:
+            features = grid_position_features(grid, device=source.device)
+            position = self.position_embedding(features.to(self.position_embedding.weight.dtype)).to(source.dtype)
+            source, context = source + position, context + position  # the context restarts on the same grid
         tokens = torch.cat([source, context], dim=1).contiguous()
 
         if timestep.dim() == 0:

@@ -41,6 +41,7 @@ class ModelSection:
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     attention: str = "isa"  # "isa" or "dense" in the training loop
     isa: dict[str, Any] = field(default_factory=dict)  # ISAConfig fields; empty = the paper's defaults
+    absolute_position_embedding: bool = False  # see LIVEditorTransformer3DModel
 
 
 @dataclass

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def build_components(config: TrainConfig, latents_mean=None, latents_std=None):
         num_layers=m.num_layers,
         attention=m.attention,
         isa_config=dict(m.isa) or None,
+        absolute_position_embedding=m.absolute_position_embedding,
     )
     return tokenizer, text_encoder, codec, transformer
 
@@ -796,13 +798,21 @@ def _load_init_pipeline(path: Path) -> dict:
 
 
 def _copy_weights(source: torch.nn.Module, target: torch.nn.Module, name: str, where) -> None:
-    """Load `source`'s weights into `target`; a different architecture is a one-line error."""
+    """Load `source`'s weights into `target`; a different architecture is a one-line error.
+
+    Tensors the target's class may lack on loading (`_keys_to_ignore_on_load_missing`: additions
+    initialised so that they leave the function unchanged) keep their initial values.
+    """
     theirs, ours = source.state_dict(), target.state_dict()
-    mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    additions = [re.compile(p) for p in getattr(type(target), "_keys_to_ignore_on_load_missing", None) or []]
+    added = [k for k in ours if k not in theirs and any(p.search(k) for p in additions)]
+    mismatched = [k for k in ours if k not in added and (k not in theirs or theirs[k].shape != ours[k].shape)]
     mismatched += [k for k in theirs if k not in ours]
     if mismatched:
         raise LIVEditorError(
             f"train.init_from={where}: its {name} does not match the config's architecture "
             f"({len(mismatched)} tensors differ, e.g. {mismatched[0]})"
         )
-    target.load_state_dict({k: theirs[k].float() for k in ours})
+    if added:
+        logger.info("train.init_from=%s: %s starts %s from its initial values", where, name, ", ".join(added))
+    target.load_state_dict({k: theirs[k].float() if k in theirs else ours[k] for k in ours})

@@ -135,7 +135,7 @@ def test_init_from_a_pipeline_folder(tmp_path):
     for key, value in reference.items():
         torch.testing.assert_close(trained[key], value.float(), msg=key)
     # A new stage draws new clips and noise, and training.json lists both stages.
-    third = train(tiny_config(tmp_path / "d", "train.max_steps=3", "train.schedule=\"continue\"",
+    third = train(tiny_config(tmp_path / "d", "train.max_steps=3", "train.schedule=\"continue\"", "optim.warmup_steps=2",
                               f'train.init_from="{first.pipeline_dir}"'), progress=False)
     assert third.steps == 3 and third.samples == 4  # steps 1 and 2 of the schedule, after the first stage's 1
     record = json.loads((third.pipeline_dir / "training.json").read_text())
@@ -143,6 +143,8 @@ def test_init_from_a_pipeline_folder(tmp_path):
     first_log = [r for r in log_rows(tmp_path / "a") if "event" not in r]
     third_log = [r for r in log_rows(tmp_path / "d") if "event" not in r]
     assert [r["step"] for r in third_log] == [2, 3] and third_log[0]["loss"] != first_log[0]["loss"]
+    # Its first step is the first of a 2-step warm-up (a fresh optimizer), at the cosine's place 1/3.
+    assert third_log[0]["lr"] == pytest.approx(1e-3 * 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))))
     with pytest.raises(LIVEditorError, match="does not match"):
         train(tiny_config(tmp_path / "c", "train.max_steps=1", "model.ffn_dim=64",
                           f'train.init_from="{first.pipeline_dir}"'), progress=False)
@@ -179,6 +181,10 @@ def test_learning_rate_schedule():
     timed = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=0", "optim.min_lr_ratio=0.0",
                                "train.max_steps=1000", "train.max_time_s=60"])
     assert learning_rate(timed, 10, 30.0) == pytest.approx(0.5)  # time is the nearer limit
+    # A stage that continues an earlier stage's schedule (from step 60) warms its fresh optimizer up
+    # again, then follows the decay of an uninterrupted run.
+    assert learning_rate(config, 60, 0.0, stage_start_step=60) == pytest.approx(0.1 * learning_rate(config, 60, 0.0))
+    assert learning_rate(config, 69, 0.0, stage_start_step=60) == pytest.approx(learning_rate(config, 69, 0.0))
 
 
 def test_clip_and_sample_seeds_resume_and_never_overlap():

@@ -130,7 +130,8 @@ class TrainSection:
     init_from: str = ""  # a LIVEditorPipeline folder whose weights (and codec statistics) start a
     #                      new stage; its architecture must match this config. Ignored on resume.
     schedule: str = "new"  # with init_from: "new" (fresh warmup and decay over max_steps) or
-    #                        "continue" (the step count and schedule go on from the folder's last stage)
+    #                        "continue" (the step count and decay go on from the folder's last stage;
+    #                        the fresh optimizer still warms up over optim.warmup_steps)
     session_time_s: float = 0.0  # > 0: this invocation stops after this much wall time with a
     #                              checkpoint (and export); run again to resume
     val_every: int = 0  # > 0: score the EMA weights on the ShapeEdit val split every this many steps

@@ -278,11 +278,12 @@ def estimate_latent_statistics(config: TrainConfig) -> tuple[list[float], list[f
 # Schedule and checkpoints
 
 
-def learning_rate(config: TrainConfig, step: int, elapsed_s: float) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio over whichever limit (steps or time)
-    is nearer."""
+def learning_rate(config: TrainConfig, step: int, elapsed_s: float, stage_start_step: int = 0) -> float:
+    """Linear warmup from the stage's first step (a stage starts with a fresh optimizer, also when
+    it continues an earlier stage's schedule), then cosine decay to lr * min_lr_ratio over whichever
+    limit (steps or time) is nearer."""
     o, t = config.optim, config.train
-    warmup = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    warmup = min(1.0, (step - stage_start_step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
     progress = step / t.max_steps
     if t.max_time_s > 0:
         progress = max(progress, elapsed_s / t.max_time_s)
@@ -713,7 +714,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                 first = ((consumed // t_cfg.batch_size + micro) * world + rank) * t_cfg.batch_size
                 seeds = sample_seeds(t_cfg.seed, stage, range(first, first + t_cfg.batch_size))
                 micro_batches.append((batch, seeds))
-            lr = learning_rate(config, step, elapsed)
+            lr = learning_rate(config, step, elapsed, start_step)
             loss_sum += step_fn(micro_batches, lr, step_attention_mode(config, stage, step))
             loss_count += t_cfg.grad_accum_steps
             consumed += per_process_step

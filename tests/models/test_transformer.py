@@ -173,6 +173,17 @@ def test_absolute_position_embedding_gives_each_grid_position_its_own_vector_in_
     assert model.position_embedding.weight.grad.abs().sum() > 0
 
 
+def test_absolute_position_features_first_built_under_inference_mode_still_train():
+    # The features are built once per grid and shared; an edit under inference mode must not leave
+    # an inference tensor behind that a later training step cannot save for backward.
+    model = _model(absolute_position_embedding=True)
+    x, t, text, ctx = _inputs(frames=2, height=6, width=6)  # a grid no other test uses
+    with torch.inference_mode():
+        model(x, t, text, ctx)
+    model(x, t, text, ctx).sample.square().mean().backward()
+    assert model.position_embedding.weight.grad is not None
+
+
 @torch.no_grad()
 def test_attention_mode_and_isa_config_survive_save_and_load(tmp_path):
     model = _model()

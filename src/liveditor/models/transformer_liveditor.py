@@ -16,6 +16,7 @@ Built from diffusers' Wan building blocks (patch embedding, time/text embedder, 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict
 from typing import Any
@@ -90,22 +91,25 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 POSITION_FREQUENCIES = (1, 2, 4, 8)
 
 
-def grid_position_features(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def grid_position_features(grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """float32 ``[F*H*W, 3 * (1 + 2 * len(POSITION_FREQUENCIES))]`` features of each token's
     (frame, row, column), raster order: per axis the coordinate of the token's centre in [-1, 1] and
-    sin/cos of it at POSITION_FREQUENCIES * pi / 2."""
-    axes = []
-    for n in grid:
-        centre = (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
-        angles = centre[:, None] * torch.tensor(POSITION_FREQUENCIES, device=device, dtype=torch.float32) * (math.pi / 2)
-        axes.append(torch.cat([centre[:, None], angles.sin(), angles.cos()], dim=1))
-    f, h, w = (a.shape[1] for a in axes)
-    frames, rows, columns = axes
-    return torch.cat([
-        frames[:, None, None, :].expand(-1, grid[1], grid[2], f),
-        rows[None, :, None, :].expand(grid[0], -1, grid[2], h),
-        columns[None, None, :, :].expand(grid[0], grid[1], -1, w),
-    ], dim=-1).reshape(math.prod(grid), f + h + w)
+    sin/cos of it at POSITION_FREQUENCIES * pi / 2. Built once per grid and device (every forward
+    needs them; callers must not modify the shared tensor)."""
+    with torch.inference_mode(False):  # a tensor first built under inference mode could not train
+        axes = []
+        for n in grid:
+            centre = (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
+            angles = centre[:, None] * torch.tensor(POSITION_FREQUENCIES, device=device, dtype=torch.float32) * (math.pi / 2)
+            axes.append(torch.cat([centre[:, None], angles.sin(), angles.cos()], dim=1))
+        f, h, w = (a.shape[1] for a in axes)
+        frames, rows, columns = axes
+        return torch.cat([
+            frames[:, None, None, :].expand(-1, grid[1], grid[2], f),
+            rows[None, :, None, :].expand(grid[0], -1, grid[2], h),
+            columns[None, None, :, :].expand(grid[0], grid[1], -1, w),
+        ], dim=-1).reshape(math.prod(grid), f + h + w)
 
 
 class LIVEditorTransformerBlock(WanTransformerBlock):
@@ -312,7 +316,7 @@ class LIVEditorTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         source = self.patch_embedding(hidden_states.to(dtype)).flatten(2).transpose(1, 2)
         context = self.context_embedding(context_latents.to(dtype)).flatten(2).transpose(1, 2)
         if self.position_embedding is not None:
-            features = grid_position_features(grid, device=source.device)
+            features = grid_position_features(grid, source.device)
             position = self.position_embedding(features.to(self.position_embedding.weight.dtype)).to(source.dtype)
             source, context = source + position, context + position  # the context restarts on the same grid
         tokens = torch.cat([source, context], dim=1).contiguous()

@@ -427,6 +427,25 @@ def test_procedural_training_clips_follow_data_family_and_motion_weights(rendere
     assert np.array_equal(np.asarray(batch["target"]), np.stack([e.target for e in expected]))
 
 
+def test_batch_renderer_stream_yields_each_batch_in_order():
+    # The loop's batches are rendered one ahead of the one it trains on; the stream still yields
+    # batch k's clips at step k.
+    from liveditor.data.shapes import generate_example
+    from liveditor.data.shapes_batch import example_seeds
+    from liveditor.training.loop import _batches, _shapeedit_config
+
+    config = load_config(None, TINY + ['data.renderer="batch"'])
+    batches = _batches(config, 2, 1, 2, 3 * config.train.batch_size, torch.device("cpu"))
+    shape_config = _shapeedit_config(config)
+    for index in (3, 4, 5):
+        batch = next(batches)
+        seeds = example_seeds(config.train.seed, 2, index, config.train.batch_size, 1, 2)
+        expected = [generate_example(int(s), "train", config=shape_config) for s in seeds]
+        assert list(batch["instruction"]) == [e.instruction for e in expected], index
+        assert np.array_equal(np.asarray(batch["source"]), np.stack([e.source for e in expected])), index
+        assert np.array_equal(np.asarray(batch["target"]), np.stack([e.target for e in expected])), index
+
+
 def _start_event(output_dir):
     return next(row for row in log_rows(output_dir) if row.get("event") == "start")
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -171,6 +173,22 @@ def test_absolute_position_embedding_gives_each_grid_position_its_own_vector_in_
     model.position_embedding.weight.requires_grad_(True)
     model(x, t, text, ctx).sample.square().mean().backward()
     assert model.position_embedding.weight.grad.abs().sum() > 0
+
+
+def test_absolute_position_features_follow_their_definition():
+    # Trained weights (checkpoints/absolute-positions) depend on these exact features.
+    from liveditor.models.transformer_liveditor import POSITION_FREQUENCIES, grid_position_features
+
+    grid = (3, 2, 5)
+    features = grid_position_features(grid, torch.device("cpu"))
+    assert features.shape == (30, 27)
+    token = 1 * 10 + 1 * 5 + 3  # frame 1, row 1, column 3 in raster order
+    expected = []
+    for index, n in zip((1, 1, 3), grid):
+        centre = (index + 0.5) / n * 2 - 1
+        expected += [centre] + [math.sin(centre * k * math.pi / 2) for k in POSITION_FREQUENCIES]
+        expected += [math.cos(centre * k * math.pi / 2) for k in POSITION_FREQUENCIES]
+    torch.testing.assert_close(features[token], torch.tensor(expected, dtype=torch.float32))
 
 
 def test_absolute_position_features_first_built_under_inference_mode_still_train():

@@ -285,7 +285,7 @@ class ShapeEditBatchRenderer:
         B = len(scenes.seeds)
         source, target = video[:B], video[B:]
         draws = list(scenes.draws)
-        pending = np.flatnonzero(~in_flight.visible.cpu().numpy())
+        pending = np.flatnonzero(~in_flight.visible.numpy())  # on the host
         candidates = {int(i): copy.deepcopy(scenes.candidates[i]) for i in pending}
         while pending.size:
             redraws = [next(candidates[int(i)]) for i in pending]

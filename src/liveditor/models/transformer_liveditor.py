@@ -98,18 +98,18 @@ def grid_position_features(grid: tuple[int, int, int], device: torch.device) -> 
     sin/cos of it at POSITION_FREQUENCIES * pi / 2. Built once per grid and device (every forward
     needs them; callers must not modify the shared tensor)."""
     with torch.inference_mode(False):  # a tensor first built under inference mode could not train
+        frequencies = torch.tensor(POSITION_FREQUENCIES, device=device, dtype=torch.float32) * (math.pi / 2)
         axes = []
         for n in grid:
             centre = (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
-            angles = centre[:, None] * torch.tensor(POSITION_FREQUENCIES, device=device, dtype=torch.float32) * (math.pi / 2)
+            angles = centre[:, None] * frequencies
             axes.append(torch.cat([centre[:, None], angles.sin(), angles.cos()], dim=1))
-        f, h, w = (a.shape[1] for a in axes)
-        frames, rows, columns = axes
+        (f, h, w), (frames, rows, columns), d = grid, axes, axes[0].shape[1]
         return torch.cat([
-            frames[:, None, None, :].expand(-1, grid[1], grid[2], f),
-            rows[None, :, None, :].expand(grid[0], -1, grid[2], h),
-            columns[None, None, :, :].expand(grid[0], grid[1], -1, w),
-        ], dim=-1).reshape(math.prod(grid), f + h + w)
+            frames[:, None, None, :].expand(-1, h, w, d),
+            rows[None, :, None, :].expand(f, -1, w, d),
+            columns[None, None, :, :].expand(f, h, -1, d),
+        ], dim=-1).reshape(f * h * w, 3 * d)
 
 
 class LIVEditorTransformerBlock(WanTransformerBlock):

@@ -4,6 +4,8 @@ Rows (clips/s, each clip = a source and a target video):
 - ``reference``: `generate_example` on one core (numpy), the per-core rate of a CPU loader worker;
 - ``draw``: `SceneBatch.draw` on one core, scene sampling only (what a loader worker does when
   the GPU renders);
+- ``handoff``: unpickling one `SceneBatch` per batch size, on one core: what the training process
+  pays per batch a DataLoader worker sends it (``bytes``: the pickle's size, ``ms``: per batch);
 - ``render_scenes``: `ShapeEditBatchRenderer.render_scenes` on pre-drawn batches, per device and
   batch size (the renderer alone);
 - ``render``: `ShapeEditBatchRenderer.render`, drawing in the calling process then rendering;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import subprocess
 import time
@@ -95,6 +98,10 @@ def main() -> int:
     add("reference", "cpu", None, n, seconds, cores=1)
     seconds = _timed(lambda: SceneBatch.draw(range(n), "train", config=config), cpu, 1)
     add("draw", "cpu", None, n, seconds, cores=1)
+    for batch in args.batch_sizes:
+        payload = pickle.dumps(SceneBatch.draw(example_seeds(0, 0, 3, batch), "train", config=config))
+        seconds = _timed(lambda: pickle.loads(payload), cpu, args.repeats)
+        add("handoff", "cpu", batch, batch, seconds, bytes=len(payload), ms=round(seconds * 1e3, 2))
 
     for name in devices:
         device = torch.device(name)

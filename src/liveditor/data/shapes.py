@@ -571,8 +571,8 @@ class EditCandidates:
     tries them: the first whose edit is visible (see `edit_is_visible`) is the example.
 
     The one place where a seed becomes scene parameters, shared by `generate_example` and the
-    batched renderer (`liveditor.data.shapes_batch`), so both draw identical scenes. Picklable
-    (it holds a numpy Generator), so a DataLoader worker can draw and a renderer continue.
+    batched renderer (`liveditor.data.shapes_batch`), so both draw identical scenes. Its draws
+    depend on its arguments only, so a renderer can recreate an example's candidates from its seed.
     ``family=None`` takes ``config.family_of(seed)`` (by default ``FAMILIES[seed % 6]``), so
     consecutive seeds cycle through the families.
     """

@@ -44,7 +44,6 @@ next batch while it trains on this one (`render_scenes` does both at once):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +63,6 @@ from .shapes import (
     TRIANGLE_DROP,
     TRIANGLE_POLYGON,
     EditCandidates,
-    EditDraw,
     Scene,
     ShapeEditConfig,
     bounce_tracks,
@@ -149,14 +147,19 @@ class SceneBatch:
     """The first candidate edit of each example of a batch, drawn and packed on the CPU.
 
     ``scenes``: packed sources (rows ``0..B-1``) then targets (rows ``B..2B-1``), see
-    `_pack_scenes`. ``candidates`` continue each example's draws when its edit is invisible.
+    `_pack_scenes`. Only arrays, strings and ints, because a DataLoader worker sends it to the
+    main process, which unpickles it while it should be queuing training work: the draws' Scene
+    objects and the candidates' random generators took 20-30 ms a batch of 256 to unpickle, plain
+    data 0.1 ms (`benchmarks/bench_data.py`, row ``handoff``). An example whose edit is invisible
+    is redrawn from its seed (`redraw_candidates`), which is rare and cheap.
     """
 
     config: ShapeEditConfig
     split: str
+    family: str | None  # the family every example was drawn with; None: each seed's own
     seeds: list[int]
-    draws: list[EditDraw]
-    candidates: list[EditCandidates]
+    instructions: list[str]
+    families: list[str]
     scenes: dict[str, np.ndarray] = field(repr=False)
 
     @classmethod
@@ -170,7 +173,14 @@ class SceneBatch:
             raise ValueError("a scene batch needs at least one seed")
         draws = [next(c) for c in candidates]
         scenes = _pack_scenes([d.source for d in draws] + [d.target for d in draws], config)
-        return cls(config, split, [c.seed for c in candidates], draws, candidates, scenes)
+        return cls(config, split, family, [c.seed for c in candidates], [d.instruction for d in draws],
+                   [d.family for d in draws], scenes)
+
+    def redraw_candidates(self, index: int) -> EditCandidates:
+        """Example ``index``'s candidate edits after the first, the one this batch holds."""
+        candidates = EditCandidates(self.seeds[index], self.split, self.family, self.config)
+        next(candidates)
+        return candidates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +252,7 @@ class ShapeEditBatchRenderer:
 
     def render_scenes(self, scenes: SceneBatch) -> ShapeEditBatch:
         """Render a drawn `SceneBatch`; examples whose first edit is invisible are redrawn from
-        their candidates (copies: ``scenes`` stays as it was)."""
+        their seeds (``scenes`` is not changed)."""
         return self.finish_render(self.start_render(scenes))
 
     def start_render(self, scenes: SceneBatch) -> RenderInFlight:
@@ -284,9 +294,9 @@ class ShapeEditBatchRenderer:
         scenes, video = in_flight.scenes, in_flight.video
         B = len(scenes.seeds)
         source, target = video[:B], video[B:]
-        draws = list(scenes.draws)
+        instructions, families = list(scenes.instructions), list(scenes.families)
         pending = np.flatnonzero(~in_flight.visible.numpy())  # on the host
-        candidates = {int(i): copy.deepcopy(scenes.candidates[i]) for i in pending}
+        candidates = {int(i): scenes.redraw_candidates(int(i)) for i in pending}
         while pending.size:
             redraws = [next(candidates[int(i)]) for i in pending]
             video = self._render(_pack_scenes([d.source for d in redraws] + [d.target for d in redraws], self.config))
@@ -295,13 +305,13 @@ class ShapeEditBatchRenderer:
             source.index_copy_(0, index, new_source)
             target.index_copy_(0, index, new_target)
             for i, draw in zip(pending, redraws):
-                draws[i] = draw
+                instructions[i], families[i] = draw.instruction, draw.family
             pending = pending[~self._visible(new_source, new_target).cpu().numpy()]
         return ShapeEditBatch(
             source=_unpack_rgb(source),
             target=_unpack_rgb(target),
-            instructions=[d.instruction for d in draws],
-            families=[d.family for d in draws],
+            instructions=instructions,
+            families=families,
             seeds=list(scenes.seeds),
         )
 

@@ -71,22 +71,6 @@ def test_equals_reference_where_edits_are_redrawn(device, family):
     _assert_matches_reference(batch, seeds, "val", family, SMALL, f"{device} {family} redrawn")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_batches_in_flight_together_render_as_one_at_a_time(device):
-    # A training loop starts the next batch before it finishes this one; batches with redrawn
-    # edits (see above) among them must still come out as the reference draws them.
-    attempts = {s: generate_example(s, "train", config=SMALL).metadata["attempts"] for s in range(40)}
-    redrawn = [s for s, n in attempts.items() if n > 1][:6]
-    assert len(redrawn) == 6, attempts
-    seed_batches = [redrawn[:3] + [100, 101], [102, 103, 104], redrawn[3:] + [105]]
-    renderer = ShapeEditBatchRenderer(SMALL, device)
-    in_flight = [renderer.start_render(SceneBatch.draw(seeds, "train", config=SMALL)) for seeds in seed_batches]
-    for seeds, pending in zip(seed_batches, in_flight):
-        batch = renderer.finish_render(pending)
-        assert batch.seeds == seeds
-        _assert_matches_reference(batch, seeds, "train", None, SMALL, f"{device} in flight")
-
-
 def test_scene_batch_pickles_and_renders_repeatably():
     scenes = SceneBatch.draw(range(300, 316), "train", config=SMALL)
     # What a loader worker sends the training process is plain data (arrays, strings, ints), cheap

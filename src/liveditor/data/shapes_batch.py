@@ -30,16 +30,10 @@ main process:
 How it is fast: every object is tested per row (``dx`` depends only on the column, ``dy`` only
 on the row; polygon edges give one crossing per row), objects of one shape across the whole batch
 are tested together, and frames are a tensor dimension. The Python work per batch is a loop over
-the four shapes and the object slots, not over clips or pixels. A batch synchronises with the
-device once (to find the few clips whose edit is invisible and redraw them, as the reference
-does). On CUDA it renders on its own stream and the caller's stream waits for the clips;
-`start_render` queues a batch and `finish_render` completes it, so a training loop can render the
-next batch while it trains on this one (`render_scenes` does both at once):
-
-    in_flight = renderer.start_render(next(scene_batches))
-    while True:
-        batch, in_flight = renderer.finish_render(in_flight), renderer.start_render(next(scene_batches))
-        train_on(batch)
+the four shapes and the object slots, not over clips or pixels. `render_scenes` synchronises with
+the device once per batch (to find the few clips whose edit is invisible and redraw them, as the
+reference does); on CUDA it renders on its own stream, so that sync does not wait for training
+work queued before it, and the caller's stream waits for the clips.
 """
 
 from __future__ import annotations
@@ -198,19 +192,6 @@ class ShapeEditBatch:
     seeds: list[int]
 
 
-@dataclass
-class RenderInFlight:
-    """A batch queued by `ShapeEditBatchRenderer.start_render`: pass it to `finish_render`.
-
-    ``video``: packed-RGB sources then targets on the renderer's device; ``visible``: bool ``[B]``
-    on the host, valid once ``done`` (a CUDA event; None on the CPU, where it is done) is reached."""
-
-    scenes: SceneBatch
-    video: torch.Tensor = field(repr=False)
-    visible: torch.Tensor = field(repr=False)
-    done: torch.cuda.Event | None = field(repr=False)
-
-
 class ShapeEditBatchRenderer:
     """Render ShapeEdit clips in batches on ``device``; see the module docstring."""
 
@@ -230,8 +211,8 @@ class ShapeEditBatchRenderer:
             "triangle": self._edges(TRIANGLE_POLYGON),
             "star": self._edges(STAR_POLYGON),
         }
-        # On CUDA, rendering runs on its own stream, so it can overlap training work queued on
-        # the caller's stream.
+        # On CUDA, rendering runs on its own stream: its one host sync per batch then waits for
+        # the rendering only, not for training work queued on the caller's stream.
         self._stream = None
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
@@ -253,36 +234,13 @@ class ShapeEditBatchRenderer:
     def render_scenes(self, scenes: SceneBatch) -> ShapeEditBatch:
         """Render a drawn `SceneBatch`; examples whose first edit is invisible are redrawn from
         their seeds (``scenes`` is not changed)."""
-        return self.finish_render(self.start_render(scenes))
-
-    def start_render(self, scenes: SceneBatch) -> RenderInFlight:
-        """Queue the rendering of ``scenes`` and return at once (on CUDA); `finish_render` completes it.
-
-        A training loop starts the next batch before it trains on this one, so that by the time it
-        asks for that batch the rendering is done: a sync right after queuing it could wait behind
-        the training kernels that fill the GPU, leaving the host idle instead of queuing."""
         if scenes.config != self.config:
             raise ValueError(f"scene batch drawn for {scenes.config}, renderer is for {self.config}")
-        B = len(scenes.seeds)
         if self._stream is None:
-            video = self._render(scenes.scenes)
-            return RenderInFlight(scenes, video, self._visible(video[:B], video[B:]), None)
-        with torch.cuda.stream(self._stream):
-            video = self._render(scenes.scenes)
-            visible = torch.empty(B, dtype=torch.bool, pin_memory=True)
-            visible.copy_(self._visible(video[:B], video[B:]), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return RenderInFlight(scenes, video, visible, done)
-
-    def finish_render(self, in_flight: RenderInFlight) -> ShapeEditBatch:
-        """The clips of a `start_render`: waits for its rendering, redraws invisible edits."""
-        if in_flight.done is None:
-            return self._complete(in_flight)
-        in_flight.done.synchronize()
+            return self._render_scenes(scenes)
         caller = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            batch = self._complete(in_flight)
+            batch = self._render_scenes(scenes)
         # The caller's stream uses the clips: it waits for the rendering, and the allocator keeps
         # their memory until the caller's work on them is done.
         caller.wait_stream(self._stream)
@@ -290,12 +248,12 @@ class ShapeEditBatchRenderer:
         batch.target.record_stream(caller)
         return batch
 
-    def _complete(self, in_flight: RenderInFlight) -> ShapeEditBatch:
-        scenes, video = in_flight.scenes, in_flight.video
+    def _render_scenes(self, scenes: SceneBatch) -> ShapeEditBatch:
         B = len(scenes.seeds)
+        video = self._render(scenes.scenes)
         source, target = video[:B], video[B:]
-        instructions, families = list(scenes.instructions), list(scenes.families)
-        pending = np.flatnonzero(~in_flight.visible.numpy())  # on the host
+        instructions = list(scenes.instructions)
+        pending = np.flatnonzero(~self._visible(source, target).cpu().numpy())
         candidates = {int(i): scenes.redraw_candidates(int(i)) for i in pending}
         while pending.size:
             redraws = [next(candidates[int(i)]) for i in pending]
@@ -305,13 +263,13 @@ class ShapeEditBatchRenderer:
             source.index_copy_(0, index, new_source)
             target.index_copy_(0, index, new_target)
             for i, draw in zip(pending, redraws):
-                instructions[i], families[i] = draw.instruction, draw.family
+                instructions[i] = draw.instruction  # a redraw keeps the example's family
             pending = pending[~self._visible(new_source, new_target).cpu().numpy()]
         return ShapeEditBatch(
             source=_unpack_rgb(source),
             target=_unpack_rgb(target),
             instructions=instructions,
-            families=families,
+            families=list(scenes.families),
             seeds=list(scenes.seeds),
         )
 

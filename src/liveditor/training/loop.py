@@ -218,14 +218,10 @@ def _batches(config: TrainConfig, stage: int, rank: int, world: int, consumed: i
         stream = SceneBatchStream(batch_size, seed, stage, rank, world, consumed // batch_size, config=shape_config)
         renderer = ShapeEditBatchRenderer(shape_config, device)
         loader_args = {k: v for k, v in common.items() if k not in ("batch_size", "drop_last", "pin_memory")}
-        scene_batches = iter(DataLoader(stream, batch_size=None, persistent_workers=data.num_workers > 0, **loader_args))
-        # One batch ahead: the next batch renders while the caller trains on this one, so its host
-        # sync finds the rendering done instead of waiting for the queued training step.
-        in_flight = renderer.start_render(next(scene_batches))
-        while True:
-            clips = renderer.finish_render(in_flight)
-            in_flight = renderer.start_render(next(scene_batches))
+        for scenes in DataLoader(stream, batch_size=None, persistent_workers=data.num_workers > 0, **loader_args):
+            clips = renderer.render_scenes(scenes)
             yield {"source": clips.source, "target": clips.target, "instruction": clips.instructions}
+        return
     if data.source == "procedural":
         from ..data.shards import ShapeEditDataset
 

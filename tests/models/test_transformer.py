@@ -176,7 +176,7 @@ def test_absolute_position_embedding_gives_each_grid_position_its_own_vector_in_
 
 
 def test_absolute_position_features_follow_their_definition():
-    # Trained weights (checkpoints/absolute-positions) depend on these exact features.
+    # The bundled model's weights depend on these exact features.
     from liveditor.models.transformer_liveditor import POSITION_FREQUENCIES, grid_position_features
 
     grid = (3, 2, 5)

@@ -15,7 +15,8 @@ def test_shipped_config_loads():
     config = load_config(REPO / "configs" / "tiny-shapeedit.toml")
     assert config.model.attention == "isa"
     assert config.model.num_layers == 8 and config.text.max_length == 24
-    assert config.train.max_time_s > 0
+    assert config.model.absolute_position_embedding and config.data.renderer == "batch"
+    assert config.train.max_steps == 20000 and config.train.dense_fraction == 0.25
 
 
 def test_toml_yaml_json_agree(tmp_path):

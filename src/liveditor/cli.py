@@ -275,8 +275,9 @@ def _add_train(subparsers) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         result = train(config, resume=not args.no_resume, progress=not args.quiet, export=not args.no_export)
         print(
-            f"trained {result.steps} steps ({result.samples} clips) in {result.train_time_s:.1f} s, "
-            f"{result.samples_per_s:.1f} clips/s, last loss {result.last_loss:.4f}; "
+            # result.steps is the global step (earlier stages and resumed runs included), samples this run's.
+            f"trained {result.samples} clips in {result.train_time_s:.1f} s ({result.samples_per_s:.1f} clips/s), "
+            f"now at global step {result.steps}, last loss {result.last_loss:.4f}; "
             f"checkpoint in {result.output_dir}" + (f", pipeline in {result.pipeline_dir}" if result.pipeline_dir else "")
         )
 

@@ -479,3 +479,20 @@ def test_cuda_graph_replay_trains_what_the_compiled_step_trains(tmp_path):
     assert scale > 0
     error = (moved["graphs"] - moved["compiled"]).abs().max() / scale
     assert error < 1e-2, error
+
+
+def test_cli_summary_counts_this_runs_clips_and_names_the_global_step(tmp_path, capsys):
+    from liveditor.cli import main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("")
+    common = ["train", "--config", str(config), "--quiet"] + [arg for item in TINY for arg in ("--set", item)]
+    assert main(common + ["--output-dir", str(tmp_path / "a"), "--set", "train.max_steps=1"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert first.startswith("trained 2 clips in ") and "now at global step 1," in first
+    # A continued stage: two more steps of 2 clips, global steps 2 and 3.
+    assert main(common + ["--output-dir", str(tmp_path / "b"), "--set", "train.max_steps=3",
+                          "--set", 'train.schedule="continue"',
+                          "--set", f'train.init_from="{tmp_path / "a" / "pipeline"}"']) == 0
+    second = capsys.readouterr().out.strip().splitlines()[-1]
+    assert second.startswith("trained 4 clips in ") and "now at global step 3," in second

@@ -136,10 +136,15 @@ def test_init_from_a_pipeline_folder(tmp_path):
         torch.testing.assert_close(trained[key], value.float(), msg=key)
     # A new stage draws new clips and noise, and training.json lists both stages.
     third = train(tiny_config(tmp_path / "d", "train.max_steps=3", "train.schedule=\"continue\"", "optim.warmup_steps=2",
-                              f'train.init_from="{first.pipeline_dir}"'), progress=False)
+                              "data.motion_weights=[3, 1, 2, 2, 2, 2, 2]", f'train.init_from="{first.pipeline_dir}"'),
+                  progress=False)
     assert third.steps == 3 and third.samples == 4  # steps 1 and 2 of the schedule, after the first stage's 1
     record = json.loads((third.pipeline_dir / "training.json").read_text())
     assert [(s["stage"], s["steps"], s["global_step"]) for s in record["stages"]] == [(0, 1, 1), (1, 2, 3)]
+    # Each stage says what it drew its clips from and over what schedule.
+    first_warmup = tiny_config(tmp_path / "a").optim.warmup_steps
+    assert [(s["motion_weights"], s["warmup_steps"], s["max_steps"]) for s in record["stages"]] == [
+        ([1, 1, 1, 1, 1, 1, 1], first_warmup, 1), ([3, 1, 2, 2, 2, 2, 2], 2, 3)]
     first_log = [r for r in log_rows(tmp_path / "a") if "event" not in r]
     third_log = [r for r in log_rows(tmp_path / "d") if "event" not in r]
     assert [r["step"] for r in third_log] == [2, 3] and third_log[0]["loss"] != first_log[0]["loss"]

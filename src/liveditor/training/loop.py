@@ -684,6 +684,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True, expor
                 "batch_size": samples_per_step, "init_from": init_from, "schedule": schedule,
                 "ema_decay": t_cfg.ema_decay, "edit_loss_weight": t_cfg.edit_loss_weight,
                 "dense_fraction": t_cfg.dense_fraction, "lr": config.optim.lr,
+                "warmup_steps": config.optim.warmup_steps, "max_steps": t_cfg.max_steps,
+                # the draw of clips changes between stages; without it a stage's record cannot say what it learned from
+                "data_source": config.data.source, "family_weights": list(config.data.family_weights),
+                "motion_weights": list(config.data.motion_weights),
                 "validation": val_history[-1] if val_history else None}
 
     def trainer_state() -> dict:

@@ -24,11 +24,24 @@ def decision_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def whole_blocks(layout: BlockLayout, n_tokens: int) -> bool:
+    """Every block holds block_size real tokens, so slot order is token order and blocks are views."""
+    return layout.token_index.numel() == n_tokens
+
+
+def token_blocks_of(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """[B, H, N, D] as blocks [B, H, nb, b, D]: a view when the blocks are whole, else a gather."""
+    if whole_blocks(layout, x.shape[2]):
+        return x.unflatten(2, tuple(layout.token_index.shape))
+    return x[:, :, layout.token_index]
+
+
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of each block's real tokens: [B, H, N, D] -> [B, H, nb, D] in the decision dtype."""
-    xb = x[:, :, layout.token_index].to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
-    weight = layout.slot_valid.to(xb.dtype)[:, :, None]
-    return (xb * weight).sum(-2) / layout.block_length.to(xb.dtype)[:, None]
+    xb = token_blocks_of(x, layout).to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
+    if not whole_blocks(layout, x.shape[2]):
+        xb = xb * layout.slot_valid.to(xb.dtype)[:, :, None]
+    return xb.sum(-2) / layout.block_length.to(xb.dtype)[:, None]
 
 
 def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfig):
@@ -70,14 +83,20 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
 
 
 def _softmax_attend(logits, values, pooled_logits=None, pooled_values=None):
-    """Softmax over [token logits | pooled logits] (fp32), then the weighted sum of values."""
+    """Softmax over [token logits | pooled logits] (fp32), then the weighted sum of values.
+
+    logits [B, H, c, q, T] with values [B, H, c, T, D]; pooled logits [B, H, c, q, n] with pooled
+    values [B, H, n, D], shared by the c query blocks of the chunk.
+    """
     if pooled_logits is not None:
         logits = torch.cat([logits, pooled_logits], dim=-1)
     probs = torch.softmax(logits, dim=-1).to(values.dtype)
     n_tokens = values.shape[-2]
     out = probs[..., :n_tokens] @ values
     if pooled_logits is not None:
-        out = out + probs[..., n_tokens:] @ pooled_values
+        # One product over all the chunk's queries: broadcasting the shared pooled values against
+        # [B, H, c, ...] would copy them once per query block.
+        out = out + (probs[..., n_tokens:].flatten(2, 3) @ pooled_values).view_as(out)
     return out
 
 
@@ -113,7 +132,7 @@ def _taylor_chunk(q_chunk, keys, values, key_valid, pooled_keys, pooled_values, 
         logits = logits.masked_fill(~key_valid[:, :, :, None, :], float("-inf"))
     pooled_logits = torch.einsum("bhcqd,bhkd->bhcqk", q_chunk, pooled_keys) * scale
     pooled_logits = pooled_logits + pooled_bias[:, :, :, None, :]
-    return _softmax_attend(logits, values, pooled_logits, pooled_values[:, :, None])
+    return _softmax_attend(logits, values, pooled_logits, pooled_values)
 
 
 def _gather_blocks(x, pos, b: int):
@@ -167,12 +186,14 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
-    kept_slots = layout.token_index[kept]  # [B, H, n_kv, b]
-    gather_index = kept_slots.flatten(2)[..., None].expand(B, H, n_kv * b, D)
+    padded = not whole_blocks(layout, N)  # some blocks hold fewer than b tokens
     logit_dtype = decision_dtype(q.dtype)
-    keys = k.gather(2, gather_index).to(logit_dtype)
-    values = v.gather(2, gather_index)
-    padded = num_source % b or num_context % b  # some blocks hold fewer than b tokens
+    if padded:
+        gather_index = layout.token_index[kept].flatten(2)[..., None].expand(B, H, n_kv * b, D)
+        keys, values = k.gather(2, gather_index), v.gather(2, gather_index)
+    else:
+        keys, values = _gather_blocks(k, kept, b), _gather_blocks(v, kept, b)
+    keys = keys.to(logit_dtype)
     key_valid = layout.slot_valid[kept].flatten(2) if padded else None  # [B, H, n_kv*b]
     kept_length = layout.block_length[kept].to(logit_dtype)
     kept_index = kept[..., None].expand(B, H, n_kv, D)
@@ -183,8 +204,8 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     # Route: query blocks ordered [Taylor group | exact group] (same sizes for every head).
     order = torch.argsort(exact_query.to(torch.int8), dim=-1, stable=True)  # [B, H, nb]
     n_taylor = nb - counts.num_full
-    q_blocks = q[:, :, layout.token_index]  # [B, H, nb, b, D]
-    routed = q_blocks.gather(2, order[..., None, None].expand(B, H, nb, b, D))
+    q_blocks = token_blocks_of(q, layout)  # [B, H, nb, b, D]
+    routed = _gather_blocks(q_blocks.flatten(2, 3), order, b).unflatten(2, (nb, b))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
     def exact_group(start, stop, q_exact):
@@ -216,13 +237,20 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     else:
         out_routed = out_exact
     inverse = torch.argsort(order, dim=-1)
-    out_blocks = out_routed.gather(2, inverse[..., None, None].expand(B, H, nb, b, D))
-    out = out_blocks.flatten(2, 3)[:, :, layout.token_slot]  # [B, H, N, D]
-
-    if gate is not None:
-        coarse_out = (probs @ vc)[:, :, layout.token_block]  # [B, H, N, D]
-        gate = gate.reshape(B, 1, N, 1).to(coarse_out.dtype)
-        out = (out.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
+    out_blocks = _gather_blocks(out_routed.flatten(2, 3), inverse, b).unflatten(2, (nb, b))
+    if whole_blocks(layout, N):
+        # Slots are tokens: add the coarse residual per block, broadcast over the block's tokens.
+        if gate is not None:
+            coarse_out = (probs @ vc)[:, :, :, None, :]  # [B, H, nb, 1, D]
+            gate = gate.reshape(B, 1, nb, b, 1).to(coarse_out.dtype)
+            out_blocks = (out_blocks.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
+        out = out_blocks.flatten(2, 3)
+    else:
+        out = out_blocks.flatten(2, 3)[:, :, layout.token_slot]  # [B, H, N, D]
+        if gate is not None:
+            coarse_out = (probs @ vc)[:, :, layout.token_block]  # [B, H, N, D]
+            gate = gate.reshape(B, 1, N, 1).to(coarse_out.dtype)
+            out = (out.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
 
     if not return_info:
         return out
@@ -286,7 +314,7 @@ def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scal
         logits = logits.masked_fill(~token_valid[:, :, start:stop, None, :], float("-inf"))
         pooled_logits = (qb @ pooled_keys[:, :, None].transpose(-1, -2)) * scale
         pooled_logits = pooled_logits + pooled_bias[:, :, start:stop, None, :]
-        return _softmax_attend(logits, values[:, :, None], pooled_logits, pooled_values[:, :, None])
+        return _softmax_attend(logits, values[:, :, None], pooled_logits, pooled_values)
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = _in_chunks(query_blocks, nb, B * H * b * (n_reblocks * b + n_reblocks), grad)

@@ -24,22 +24,22 @@ def decision_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def whole_blocks(layout: BlockLayout, n_tokens: int) -> bool:
+def _whole_blocks(layout: BlockLayout, n_tokens: int) -> bool:
     """Every block holds block_size real tokens, so slot order is token order and blocks are views."""
     return layout.token_index.numel() == n_tokens
 
 
-def token_blocks_of(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, H, N, D] as blocks [B, H, nb, b, D]: a view when the blocks are whole, else a gather."""
-    if whole_blocks(layout, x.shape[2]):
+    if _whole_blocks(layout, x.shape[2]):
         return x.unflatten(2, tuple(layout.token_index.shape))
     return x[:, :, layout.token_index]
 
 
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of each block's real tokens: [B, H, N, D] -> [B, H, nb, D] in the decision dtype."""
-    xb = token_blocks_of(x, layout).to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
-    if not whole_blocks(layout, x.shape[2]):
+    xb = _as_blocks(x, layout).to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
+    if not _whole_blocks(layout, x.shape[2]):
         xb = xb * layout.slot_valid.to(xb.dtype)[:, :, None]
     return xb.sum(-2) / layout.block_length.to(xb.dtype)[:, None]
 
@@ -186,7 +186,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
-    padded = not whole_blocks(layout, N)  # some blocks hold fewer than b tokens
+    padded = not _whole_blocks(layout, N)  # some blocks hold fewer than b tokens
     logit_dtype = decision_dtype(q.dtype)
     if padded:
         gather_index = layout.token_index[kept].flatten(2)[..., None].expand(B, H, n_kv * b, D)
@@ -204,7 +204,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     # Route: query blocks ordered [Taylor group | exact group] (same sizes for every head).
     order = torch.argsort(exact_query.to(torch.int8), dim=-1, stable=True)  # [B, H, nb]
     n_taylor = nb - counts.num_full
-    q_blocks = token_blocks_of(q, layout)  # [B, H, nb, b, D]
+    q_blocks = _as_blocks(q, layout)  # [B, H, nb, b, D]
     routed = _gather_blocks(q_blocks.flatten(2, 3), order, b).unflatten(2, (nb, b))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
@@ -238,7 +238,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
         out_routed = out_exact
     inverse = torch.argsort(order, dim=-1)
     out_blocks = _gather_blocks(out_routed.flatten(2, 3), inverse, b).unflatten(2, (nb, b))
-    if whole_blocks(layout, N):
+    if not padded:
         # Slots are tokens: add the coarse residual per block, broadcast over the block's tokens.
         if gate is not None:
             coarse_out = (probs @ vc)[:, :, :, None, :]  # [B, H, nb, 1, D]

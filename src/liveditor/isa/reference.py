@@ -188,11 +188,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
     padded = not _whole_blocks(layout, N)  # some blocks hold fewer than b tokens
     logit_dtype = decision_dtype(q.dtype)
-    if padded:
-        gather_index = layout.token_index[kept].flatten(2)[..., None].expand(B, H, n_kv * b, D)
-        keys, values = k.gather(2, gather_index), v.gather(2, gather_index)
-    else:
-        keys, values = _gather_blocks(k, kept, b), _gather_blocks(v, kept, b)
+    keys, values = (_gather_blocks(_as_blocks(x, layout).flatten(2, 3), kept, b) for x in (k, v))
     keys = keys.to(logit_dtype)
     key_valid = layout.slot_valid[kept].flatten(2) if padded else None  # [B, H, n_kv*b]
     kept_length = layout.block_length[kept].to(logit_dtype)
@@ -238,19 +234,14 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
         out_routed = out_exact
     inverse = torch.argsort(order, dim=-1)
     out_blocks = _gather_blocks(out_routed.flatten(2, 3), inverse, b).unflatten(2, (nb, b))
-    if not padded:
-        # Slots are tokens: add the coarse residual per block, broadcast over the block's tokens.
-        if gate is not None:
-            coarse_out = (probs @ vc)[:, :, :, None, :]  # [B, H, nb, 1, D]
-            gate = gate.reshape(B, 1, nb, b, 1).to(coarse_out.dtype)
-            out_blocks = (out_blocks.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
-        out = out_blocks.flatten(2, 3)
-    else:
-        out = out_blocks.flatten(2, 3)[:, :, layout.token_slot]  # [B, H, N, D]
-        if gate is not None:
-            coarse_out = (probs @ vc)[:, :, layout.token_block]  # [B, H, N, D]
-            gate = gate.reshape(B, 1, N, 1).to(coarse_out.dtype)
-            out = (out.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
+    if gate is not None:
+        # The coarse residual per block, broadcast over the block's slots.
+        coarse_out = (probs @ vc)[:, :, :, None, :]  # [B, H, nb, 1, D]
+        gate = _as_blocks(gate.reshape(B, 1, N, 1), layout).to(coarse_out.dtype)  # [B, 1, nb, b, 1]
+        out_blocks = (out_blocks.to(coarse_out.dtype) + gate * coarse_out).to(q.dtype)
+    out = out_blocks.flatten(2, 3)
+    if padded:
+        out = out[:, :, layout.token_slot]  # [B, H, N, D]
 
     if not return_info:
         return out

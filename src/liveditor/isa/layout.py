@@ -26,6 +26,11 @@ class BlockLayout:
     def num_blocks(self) -> int:
         return self.token_index.shape[0]
 
+    @property
+    def whole_blocks(self) -> bool:
+        """Every block holds block_size real tokens: slot order is token order, no padding slots."""
+        return self.token_index.numel() == self.token_slot.numel()
+
 
 def block_layout(num_source: int, num_context: int, block_size: int, device) -> BlockLayout:
     b = block_size

@@ -24,14 +24,9 @@ def decision_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _whole_blocks(layout: BlockLayout, n_tokens: int) -> bool:
-    """Every block holds block_size real tokens, so slot order is token order and blocks are views."""
-    return layout.token_index.numel() == n_tokens
-
-
 def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, H, N, D] as blocks [B, H, nb, b, D]: a view when the blocks are whole, else a gather."""
-    if _whole_blocks(layout, x.shape[2]):
+    if layout.whole_blocks:
         return x.unflatten(2, tuple(layout.token_index.shape))
     return x[:, :, layout.token_index]
 
@@ -39,7 +34,7 @@ def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of each block's real tokens: [B, H, N, D] -> [B, H, nb, D] in the decision dtype."""
     xb = _as_blocks(x, layout).to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
-    if not _whole_blocks(layout, x.shape[2]):
+    if not layout.whole_blocks:
         xb = xb * layout.slot_valid.to(xb.dtype)[:, :, None]
     return xb.sum(-2) / layout.block_length.to(xb.dtype)[:, None]
 
@@ -85,8 +80,8 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
 def _softmax_attend(logits, values, pooled_logits=None, pooled_values=None):
     """Softmax over [token logits | pooled logits] (fp32), then the weighted sum of values.
 
-    logits [B, H, c, q, T] with values [B, H, c, T, D]; pooled logits [B, H, c, q, n] with pooled
-    values [B, H, n, D], shared by the c query blocks of the chunk.
+    logits [B, H, c, q, T] with values [B, H, c, T, D] (or [B, H, 1, T, D], shared by the chunk's c
+    query blocks); pooled logits [B, H, c, q, n] with pooled values [B, H, n, D], always shared.
     """
     if pooled_logits is not None:
         logits = torch.cat([logits, pooled_logits], dim=-1)
@@ -186,7 +181,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
-    padded = not _whole_blocks(layout, N)  # some blocks hold fewer than b tokens
+    padded = not layout.whole_blocks  # some blocks hold fewer than b tokens
     logit_dtype = decision_dtype(q.dtype)
     keys, values = (_gather_blocks(_as_blocks(x, layout).flatten(2, 3), kept, b) for x in (k, v))
     keys = keys.to(logit_dtype)

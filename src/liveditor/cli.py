@@ -339,7 +339,7 @@ def _add_make_data(subparsers) -> None:
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="benchmarks: `liveditor eval shapeedit` (held-out ShapeEdit edits, ISA vs dense)",
+        help="benchmarks: `liveditor eval shapeedit` (held-out ShapeEdit edits, ISA vs dense), `eval compare`",
         description="Evaluation benchmarks.",
     )
     benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -391,6 +391,33 @@ def _add_eval(subparsers) -> None:
             print(f"wrote {args.json_path}")
 
     b.set_defaults(handler=handler)
+
+    c = benchmarks.add_parser(
+        "compare",
+        help="two `eval shapeedit --json` results on the same clips, clip by clip (won, lost, sign test)",
+        description="Compare result NEW with result BASE on the clips both scored (the same split, ShapeEdit "
+        "config and clips; settings such as the model, guidance or steps may differ): success rates per family, "
+        "per kind of motion edit and overall, clips only NEW passes (won) and only BASE passes (lost), and the "
+        "two-sided sign test's p-value on those counts.",
+    )
+    c.add_argument("base", help="JSON written by `liveditor eval shapeedit --json` (the model to beat)")
+    c.add_argument("new", help="JSON of the candidate, on the same clips")
+    c.add_argument("--attention", nargs="+", choices=("isa", "dense"), default=None,
+                   help="modes to compare (default: every mode both results scored)")
+    c.add_argument("--json", dest="json_path", default=None, help="also write the comparison as JSON")
+
+    def compare_handler(args):
+        from .atomic import write_json
+        from .eval.compare import compare_results, format_comparison, load_result
+
+        comparison = compare_results(load_result(args.base), load_result(args.new), args.attention,
+                                     names=(args.base, args.new))
+        print(format_comparison(comparison))
+        if args.json_path:
+            write_json(args.json_path, comparison)
+            print(f"wrote {args.json_path}")
+
+    c.set_defaults(handler=compare_handler)
 
 
 def _add_record_activations(subparsers) -> None:

@@ -41,8 +41,14 @@ def load_result(path: str | Path) -> dict:
         result = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgumentError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("clips"), list) or "settings" not in result:
-        raise InvalidArgumentError(f"{path} is not a `liveditor eval shapeedit --json` result (no clips and settings)")
+    clips = result.get("clips") if isinstance(result, dict) else None
+    settings = result.get("settings") if isinstance(result, dict) else None
+    if (not isinstance(clips, list) or not isinstance(settings, dict) or not isinstance(settings.get("attentions"), list)
+            or not all(isinstance(c, dict) and {"family", "seed", "instruction"} <= c.keys()
+                       and all(isinstance(c.get(m), dict) and "success" in c[m] for m in settings["attentions"])
+                       for c in clips)):
+        raise InvalidArgumentError(f"{path} is not a `liveditor eval shapeedit --json` result "
+                                   "(clips with their scores, and settings)")
     return result
 
 

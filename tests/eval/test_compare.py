@@ -97,6 +97,11 @@ def test_compare_cli(tmp_path, capsys):
     (tmp_path / "other.json").write_text('{"loss": 1}')
     assert main(["eval", "compare", str(base_path), str(tmp_path / "other.json")]) == 2
     assert "is not a `liveditor eval shapeedit --json` result" in capsys.readouterr().err
+    empty = json.loads(base_path.read_text())
+    empty["clips"] = []
+    write_json(tmp_path / "empty.json", empty)
+    assert main(["eval", "compare", str(tmp_path / "empty.json"), str(new_path)]) == 2
+    assert "is not a `liveditor eval shapeedit --json` result" in capsys.readouterr().err
     no_scores = json.loads(base_path.read_text())
     del no_scores["clips"][3]["dense"]
     write_json(tmp_path / "no_scores.json", no_scores)

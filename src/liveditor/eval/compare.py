@@ -43,7 +43,7 @@ def load_result(path: str | Path) -> dict:
         raise InvalidArgumentError(f"{path} is not JSON: {exc}") from None
     clips = result.get("clips") if isinstance(result, dict) else None
     settings = result.get("settings") if isinstance(result, dict) else None
-    if (not isinstance(clips, list) or not isinstance(settings, dict) or not isinstance(settings.get("attentions"), list)
+    if (not isinstance(clips, list) or not clips or not isinstance(settings, dict) or not isinstance(settings.get("attentions"), list)
             or not all(isinstance(c, dict) and {"family", "seed", "instruction"} <= c.keys()
                        and all(isinstance(c.get(m), dict) and "success" in c[m] for m in settings["attentions"])
                        for c in clips)):
@@ -68,7 +68,7 @@ def _groups(clips: list[dict]) -> dict[str, list[dict]]:
     for clip in clips:
         groups.setdefault(clip["family"], []).append(clip)
     motion = groups.get("motion", [])
-    kinds = {f"motion: {kind}": [c for c in motion if c["edit"]["motion"] == kind] for kind in MOTIONS}
+    kinds = {f"motion: {kind}": [c for c in motion if c.get("edit", {}).get("motion") == kind] for kind in MOTIONS}
     return {**groups, **{kind: rows for kind, rows in kinds.items() if rows}, "all": clips}
 
 

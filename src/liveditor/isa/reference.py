@@ -33,7 +33,12 @@ def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of each block's real tokens: [B, H, N, D] -> [B, H, nb, D] in the decision dtype."""
-    xb = _as_blocks(x, layout).to(decision_dtype(x.dtype))  # [B, H, nb, b, D]
+    return _block_means(_as_blocks(x, layout), layout)
+
+
+def _block_means(blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """`pool_blocks` of x already as blocks [B, H, nb, b, D] (see `_as_blocks`)."""
+    xb = blocks.to(decision_dtype(blocks.dtype))
     if not layout.whole_blocks:
         xb = xb * layout.slot_valid.to(xb.dtype)[:, :, None]
     return xb.sum(-2) / layout.block_length.to(xb.dtype)[:, None]
@@ -177,13 +182,15 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     layout = block_layout(num_source, num_context, b, q.device)
     nb, n_kv = counts.num_blocks, counts.num_kept
 
-    qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+    # Views when the blocks are whole; with partial blocks, one gather each, shared by every use below.
+    q_blocks, k_blocks, v_blocks = (_as_blocks(x, layout) for x in (q, k, v))  # [B, H, nb, b, D]
+    qc, kc, vc = (_block_means(x, layout) for x in (q_blocks, k_blocks, v_blocks))
     logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
     padded = not layout.whole_blocks  # some blocks hold fewer than b tokens
     logit_dtype = decision_dtype(q.dtype)
-    keys, values = (_gather_blocks(_as_blocks(x, layout).flatten(2, 3), kept, b) for x in (k, v))
+    keys, values = (_gather_blocks(x.flatten(2, 3), kept, b) for x in (k_blocks, v_blocks))
     keys = keys.to(logit_dtype)
     key_valid = layout.slot_valid[kept].flatten(2) if padded else None  # [B, H, n_kv*b]
     kept_length = layout.block_length[kept].to(logit_dtype)
@@ -195,7 +202,6 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
     # Route: query blocks ordered [Taylor group | exact group] (same sizes for every head).
     order = torch.argsort(exact_query.to(torch.int8), dim=-1, stable=True)  # [B, H, nb]
     n_taylor = nb - counts.num_full
-    q_blocks = _as_blocks(q, layout)  # [B, H, nb, b, D]
     routed = _gather_blocks(q_blocks.flatten(2, 3), order, b).unflatten(2, (nb, b))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 

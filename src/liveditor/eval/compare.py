@@ -32,6 +32,18 @@ def sign_test_p(won: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _is_benchmark_result(result) -> bool:
+    """Settings naming the attention modes, and at least one clip, each with its scores in every mode."""
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict):
+        return False
+    modes, clips = result["settings"].get("attentions"), result.get("clips")
+    if not isinstance(modes, list) or not isinstance(clips, list) or not clips:
+        return False
+    return all(isinstance(clip, dict) and {"family", "seed", "instruction"} <= clip.keys()
+               and all(isinstance(clip.get(mode), dict) and "success" in clip[mode] for mode in modes)
+               for clip in clips)
+
+
 def load_result(path: str | Path) -> dict:
     """A `liveditor eval shapeedit --json` file, with a one-line error for anything else."""
     path = Path(path)
@@ -41,12 +53,7 @@ def load_result(path: str | Path) -> dict:
         result = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgumentError(f"{path} is not JSON: {exc}") from None
-    clips = result.get("clips") if isinstance(result, dict) else None
-    settings = result.get("settings") if isinstance(result, dict) else None
-    if (not isinstance(clips, list) or not clips or not isinstance(settings, dict) or not isinstance(settings.get("attentions"), list)
-            or not all(isinstance(c, dict) and {"family", "seed", "instruction"} <= c.keys()
-                       and all(isinstance(c.get(m), dict) and "success" in c[m] for m in settings["attentions"])
-                       for c in clips)):
+    if not _is_benchmark_result(result):
         raise InvalidArgumentError(f"{path} is not a `liveditor eval shapeedit --json` result "
                                    "(clips with their scores, and settings)")
     return result

@@ -10,7 +10,9 @@ import argparse
 import functools
 import gc
 import math
+import os
 import re
+import signal
 import sys
 import warnings
 
@@ -594,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
     try:
         args.handler(args)
+        sys.stdout.flush()  # here, not at exit, so a reader that went away is met by the handler below
     except LIVEditorError as exc:
         if args.debug:
             raise
@@ -608,7 +611,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"liveditor {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`liveditor eval compare ... | head`): end quietly, as
+        # other command-line tools do, with stdout on /dev/null so the exit's flush cannot fail again.
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     return 0
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (e.g. captured)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

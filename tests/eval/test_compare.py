@@ -1,5 +1,9 @@
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from liveditor.cli import main
 from liveditor.data.shapes import FAMILIES, generate_example
 from liveditor.eval.compare import compare_results, format_comparison, sign_test_p
 from liveditor.eval.shapeedit import evaluate_shapeedit
+from python_process import child_env
 
 PER_FAMILY = 3
 
@@ -111,3 +116,20 @@ def test_compare_cli(tmp_path, capsys):
     assert main(["eval", "compare", str(tmp_path / "broken.json"), str(new_path)]) == 2
     err = capsys.readouterr().err
     assert "is not JSON" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_into_a_pipe_whose_reader_went_away_ends_quietly(tmp_path):
+    """`liveditor eval compare A B | head`: the reader closing the pipe is not an error worth a
+    traceback; the command stops with 128 + SIGPIPE and prints nothing on stderr."""
+    base_path, new_path = tmp_path / "base.json", tmp_path / "new.json"
+    write_json(base_path, _result(0))
+    write_json(new_path, _result(1))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: every write fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-m", "liveditor.cli", "eval", "compare", str(base_path), str(new_path)],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, env=child_env(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert result.stderr == ""

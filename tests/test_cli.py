@@ -93,6 +93,28 @@ def test_only_the_projects_errors_are_one_liners(monkeypatch, tmp_path, capsys):
         main(["edit", "in.mp4", "x", "-o", str(tmp_path / "o.mp4")])
 
 
+ENCODER_DIES = """
+import sys
+import liveditor.pipelines.edit
+from liveditor.cli import main
+
+def encoder_died(**kwargs):
+    raise BrokenPipeError(32, "Broken pipe")
+
+liveditor.pipelines.edit.run_edit = encoder_died
+sys.exit(main(["edit", "in.mp4", "x", "-o", {output!r}]))
+"""
+
+
+def test_a_broken_pipe_other_than_stdout_keeps_its_traceback(tmp_path):
+    """Only a reader of stdout going away ends a command quietly (tests/eval/test_compare.py); a pipe
+    to another process breaking mid-command (an encoder that died) is a failure, also when stdout is
+    a pipe whose reader is still there."""
+    result = run_python("-c", ENCODER_DIES.format(output=str(tmp_path / "o.mp4")))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "BrokenPipeError" in result.stderr
+
+
 def test_version_and_help_document_the_seed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

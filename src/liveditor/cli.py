@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import re
+import select
 import signal
 import sys
 import warnings
@@ -613,20 +614,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # Whoever read the output stopped (`liveditor eval compare ... | head`): end quietly, as
-        # other command-line tools do, with stdout on /dev/null so the exit's flush cannot fail again.
-        _silence_stdout()
+        # other command-line tools do, with stdout on /dev/null so the exit's flush cannot fail
+        # again. Any other broken pipe (e.g. to a video encoder) is a failure and keeps its traceback.
+        fd = _stdout_descriptor()
+        if fd is None or not _reader_gone(fd):
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
         return 128 + signal.SIGPIPE
     return 0
 
 
-def _silence_stdout() -> None:
+def _stdout_descriptor() -> int | None:
     try:
-        fd = sys.stdout.fileno()
+        return sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # a stream without a descriptor (e.g. captured)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
+        return None
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe whose reading end is closed: poll reports an error on it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

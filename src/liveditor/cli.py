@@ -635,6 +635,8 @@ def _stdout_descriptor() -> int | None:
 
 def _reader_gone(fd: int) -> bool:
     """Whether `fd` is a pipe whose reading end is closed: poll reports an error on it."""
+    if not hasattr(select, "poll"):  # Windows: no way to tell here, so the broken pipe stays an error
+        return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(events & select.POLLERR for _, events in poller.poll(0))

@@ -118,18 +118,40 @@ def test_compare_cli(tmp_path, capsys):
     assert "is not JSON" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_into_a_pipe_whose_reader_went_away_ends_quietly(tmp_path):
-    """`liveditor eval compare A B | head`: the reader closing the pipe is not an error worth a
-    traceback; the command stops with 128 + SIGPIPE and prints nothing on stderr."""
+def _compare_into_a_closed_pipe(tmp_path, python_args):
+    """Run `liveditor eval compare` (via `python_args`) with stdout a pipe whose reader is gone
+    before the first write, so that every write fails with EPIPE."""
     base_path, new_path = tmp_path / "base.json", tmp_path / "new.json"
     write_json(base_path, _result(0))
     write_json(new_path, _result(1))
     read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the first write: every write fails with EPIPE
+    os.close(read_end)
     try:
-        result = subprocess.run([sys.executable, "-m", "liveditor.cli", "eval", "compare", str(base_path), str(new_path)],
-                                stdout=write_end, stderr=subprocess.PIPE, text=True, env=child_env(), timeout=120)
+        return subprocess.run([sys.executable, *python_args, "eval", "compare", str(base_path), str(new_path)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, env=child_env(), timeout=120)
     finally:
         os.close(write_end)
+
+
+def test_cli_into_a_pipe_whose_reader_went_away_ends_quietly(tmp_path):
+    """`liveditor eval compare A B | head`: the reader closing the pipe is not an error worth a
+    traceback; the command stops with 128 + SIGPIPE and prints nothing on stderr."""
+    result = _compare_into_a_closed_pipe(tmp_path, ["-m", "liveditor.cli"])
     assert result.returncode == 128 + signal.SIGPIPE, result.stderr
     assert result.stderr == ""
+
+
+WITHOUT_POLL = """
+import select, sys
+del select.poll  # as on Windows
+from liveditor.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_where_a_closed_reader_cannot_be_told_the_broken_pipe_stays_the_error(tmp_path):
+    """Without select.poll (Windows) the handler cannot tell a reader that went away from another
+    broken pipe: the user sees the BrokenPipeError itself, not a failure inside the handler."""
+    result = _compare_into_a_closed_pipe(tmp_path, ["-c", WITHOUT_POLL])
+    assert result.returncode == 1
+    assert "BrokenPipeError" in result.stderr and "AttributeError" not in result.stderr

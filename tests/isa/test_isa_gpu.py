@@ -199,6 +199,29 @@ def test_auto_backend_runs_the_kernels_on_cuda(seed):
 
 
 @pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("dense_kernel", ["triton", "sdpa"])
+def test_triton_path_on_a_second_gpu_while_the_current_device_is_0(monkeypatch, dense_kernel, seed):
+    """Inputs on cuda:1 while the current device stays 0 (`--device cuda:1`): every Triton launch runs
+    on the inputs' device and gives cuda:0's output and gradients; the current device is still 0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    monkeypatch.setenv(DENSE_KERNEL_ENV, dense_kernel)  # "sdpa": the exact group is packed by Triton kernels
+    B, H, L_src, L_ctx, D = 2, 4, 512, 500, 64
+    kw = dict(num_source=L_src, config=ISAConfig(select_ratio=0.25, exact_ratio=0.125), backend="triton")
+    with torch.cuda.device(0):
+        q, k, v = draw(B, H, L_src + L_ctx, D, torch.bfloat16, seed)
+        grad_out = draw(B, H, L_src + L_ctx, D, torch.float32, seed + 1000)[0]
+        on_0 = forward_and_grads(isa_attention, q, k, v, grad_out, **kw)
+        on_1 = forward_and_grads(isa_attention, *(x.to("cuda:1") for x in (q, k, v, grad_out)), **kw)
+        assert torch.cuda.current_device() == 0
+    for name, a, b in zip(("out", "dq", "dk", "dv"), on_1, on_0):
+        assert a.device == torch.device("cuda:1"), f"{dense_kernel} {name}: on {a.device}"
+        # Within one bf16 rounding at the tensor's scale, not bitwise: SDPA's backward may add with atomics.
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=2.0 ** -8 * b.abs().max().item(),
+                                   msg=lambda m: f"{dense_kernel} {name}: {m}")
+
+
+@pytest.mark.parametrize("seed", [0])
 def test_training_under_autocast_routes_and_attends_as_inference_does(seed):
     # The training step runs the kernels under bf16 autocast; its routing must be inference's.
     q, k, v = draw(2, 8, 2048, 64, torch.bfloat16, seed)

@@ -115,10 +115,11 @@ def _measure(device, dtype, head_dim: int) -> str:
             for _ in range(2):
                 run_dense_kernel(name, q, k, v)
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream(device)  # the kernels' stream, not the current device's
+            start.record(stream)
             for _ in range(5):
                 run_dense_kernel(name, q, k, v)
-            stop.record()
+            stop.record(stream)
             stop.synchronize()
             timings[name] = start.elapsed_time(stop) / 5
         except RuntimeError as exc:  # this kernel does not run this dtype / head dim on this card

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -16,6 +18,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The kernels work in base 2 (exp2/log2). Kernels may only read constexpr globals; host code reads `.value`.
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
+
+
+def on_input_device(launcher):
+    """Decorator: run `launcher` with the current CUDA device set to that of its first argument, a tensor."""
+
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args, **kwargs):
+        # Triton launches on the current CUDA device, not the tensors' (device_of: no-op for CPU tensors).
+        with torch.cuda.device_of(x):
+            return launcher(x, *args, **kwargs)
+
+    return launch
 
 
 def tile_rows(block_size: int) -> int:

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .config import segment_blocks
-from .triton_common import block_span, tile_dims, tile_rows
+from .triton_common import block_span, on_input_device, tile_dims, tile_rows
 
 # Elements of one program's tile per tensor: a program pools as many heads of one block as fit.
 POOL_TILE_ELEMENTS = 8192
@@ -54,6 +54,7 @@ def pool_heads(num_heads: int, block_size: int, head_dim: int) -> int:
     return min(triton.next_power_of_2(num_heads), 1 << (fit.bit_length() - 1))  # a power of two <= fit
 
 
+@on_input_device
 def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_source: int, block_size: int):
     """Block means of q, k, v in fp32: three `[B, H, nb, D]` tensors (source and context blocked apart)."""
     B, H, N, D = q.shape

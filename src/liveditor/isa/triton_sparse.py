@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .config import segment_blocks
-from .triton_common import INTERPRET, LN2, LOG2E, block_span, mma, tile_dims, tile_rows
+from .triton_common import INTERPRET, LN2, LOG2E, block_span, mma, on_input_device, tile_dims, tile_rows
 from .triton_pool import last_dim_contiguous
 
 POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
@@ -464,6 +464,7 @@ def _launch_options(block_size: int, head_dim: int, backward: bool = False) -> d
     return dict(num_warps=8 if wide else 4, num_stages=2 if backward or wide else 3)
 
 
+@on_input_device
 def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, exact_out,
                    num_source: int, block_size: int, num_full: int, scale: float, stages=("scatter", "attend")):
     """Forward of both groups; returns (out [B,H,N,D] in q's dtype, lse [B,H,N] fp32), both contiguous.
@@ -502,6 +503,7 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
     return out, lse
 
 
+@on_input_device
 def gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int, num_full: int):
     """Token-ordered `[B,H,N,D]` -> packed exact-group rows `[B,H,num_full*b,D]`, padding rows zero."""
     B, H, N, D = x.shape
@@ -517,6 +519,7 @@ def gather_exact_rows(x: torch.Tensor, query_order: torch.Tensor, num_source: in
     return packed
 
 
+@on_input_device
 def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_source: int, block_size: int,
                        num_tokens: int):
     """Inverse of gather_exact_rows: `[B,H,N,D]` holding the packed rows at their tokens, zeros elsewhere."""
@@ -533,6 +536,7 @@ def scatter_exact_rows(packed: torch.Tensor, query_order: torch.Tensor, num_sour
     return out
 
 
+@on_input_device
 def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_source: int, block_size: int):
     """Kept keys and values packed for a dense kernel: `[B, H, L_src + n_sel*b, D]` each."""
     B, H, N, D = k.shape
@@ -548,6 +552,7 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_sour
     return k_packed, v_packed
 
 
+@on_input_device
 def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torch.Tensor, num_source: int,
                 block_size: int, num_tokens: int):
     """Inverse of pack_kept for gradients: token-ordered tensors, zero on the dropped context blocks."""
@@ -568,6 +573,7 @@ def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torc
 USERS_TILE = (64, 32)  # (query blocks, kept blocks) per step of the users kernel
 
 
+@on_input_device
 def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, kept: torch.Tensor, num_full: int,
                 exact_in_kernel: bool):
     """For every key block, the query blocks that attend to its tokens exactly in these kernels.
@@ -588,6 +594,7 @@ def exact_users(exact_mask: torch.Tensor, query_order: torch.Tensor, kept: torch
     return users, n_users
 
 
+@on_input_device
 def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
                     exact_from_dense: bool, num_source: int, block_size: int, num_full: int, scale: float):
     """Gradients of sparse_forward's `out`: (dq, dk, dv, d pooled_k fp32, d pooled_v fp32).

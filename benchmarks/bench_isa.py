@@ -37,6 +37,7 @@ from liveditor.isa.dense_kernels import (
     dense_kernel_choices,
     run_dense_kernel,
 )
+from liveditor.isa.layout import block_means
 from liveditor.isa.reference import isa_attention_torch
 from liveditor.isa.triton_sparse import sparse_forward
 
@@ -108,7 +109,7 @@ def stage_breakdown(q, k, v, num_source, config, dense_kernel) -> dict:
     n_full = counts.num_full
     stages = {}
     with torch.no_grad():
-        stages["pooling"] = timed(lambda: ops.isa_pool(q, k, v, num_source, b))
+        stages["pooling"] = timed(lambda: [block_means(x, num_source, b) for x in (q, k, v)])
         plan_ms = timed(lambda: ops.plan_isa(q, k, v, num_source, config, scale))
         stages["scoring+selection"] = plan_ms - stages["pooling"]
         plan = ops.plan_isa(q, k, v, num_source, config, scale)

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from liveditor.isa import ISAConfig, coarse_residual, dense_attention, isa_attention
 from liveditor.isa import reference
 from liveditor.isa.config import block_counts
-from liveditor.isa.layout import block_layout, sequence_tile_permutation, tile_permutation
+from liveditor.isa.layout import (
+    block_layout,
+    block_means,
+    expand_blocks,
+    sequence_tile_permutation,
+    tile_permutation,
+)
 
 
 def qkv(B, H, N, D, dtype=torch.float32, *, seed: int):
@@ -404,3 +410,34 @@ def test_training_under_autocast_routes_as_inference_does(blocking, seed):
     assert torch.equal(autocast_info.selected_context_blocks, info.selected_context_blocks)
     assert torch.equal(autocast_out, out)
     assert torch.equal(autocast_residual, residual)
+
+
+@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("L_src,L_ctx,b", [(77, 50, 16), (64, 32, 16), (40, 0, 16), (5, 3, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_block_means_and_expand_blocks_follow_the_block_layout(L_src, L_ctx, b, dtype, seed):
+    """block_means is the mean of each block's real tokens (partial last blocks of either segment,
+    no context, a segment shorter than a block) on the model's transposed [B, N, H, D] memory, in the
+    decision dtype; expand_blocks gives every token its block's row; gradients of both match the
+    layout's gather formulation."""
+    B, H, D = 2, 3, 8
+    N = L_src + L_ctx
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    layout = block_layout(L_src, L_ctx, b, "cpu")
+    means = block_means(x, L_src, b)
+    expected = reference.pool_blocks(x, layout)
+    assert means.dtype == torch.promote_types(dtype, torch.float32) and means.shape == expected.shape
+    torch.testing.assert_close(means, expected, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(means.shape, generator=g, dtype=means.dtype)
+    got, = torch.autograd.grad((means * weights).sum(), x)
+    want, = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    rows = torch.randn(B, H, layout.num_blocks, D, generator=g, dtype=torch.float64, requires_grad=True)
+    spread = expand_blocks(rows, L_src, N, b)
+    assert torch.equal(spread, rows[:, :, layout.token_block])
+    token_weights = torch.randn(spread.shape, generator=g, dtype=torch.float64)
+    got, = torch.autograd.grad((spread * token_weights).sum(), rows)
+    want, = torch.autograd.grad((rows[:, :, layout.token_block] * token_weights).sum(), rows)
+    torch.testing.assert_close(got, want)

@@ -78,7 +78,6 @@ def op_arguments(layout, dtype, b, L_src, L_ctx, seed) -> dict:
         return tuple(t.detach().clone().requires_grad_() for t in tensors)
 
     return {
-        "isa_pool": (ops.isa_pool, (*grad(q, k, v), L_src, b)),
         "isa_sparse_attention": (
             ops.isa_sparse_attention, (*grad(q, k, v, pooled_k, pooled_v), *tables, None, *split)),
         "isa_sparse_attention+exact_out": (
@@ -100,7 +99,7 @@ def op_arguments(layout, dtype, b, L_src, L_ctx, seed) -> dict:
 
 
 OP_CHECKS = [
-    "isa_pool", "isa_sparse_attention", "isa_sparse_attention+exact_out", "isa_sparse_attention_backward",
+    "isa_sparse_attention", "isa_sparse_attention+exact_out", "isa_sparse_attention_backward",
     "isa_sparse_attention_backward+exact_from_dense", "isa_gather_exact_rows", "isa_pack_exact", "isa_unpack_exact",
 ]
 

@@ -13,8 +13,8 @@ import torch
 from kernel_checks import forward_and_grads, max_err
 
 from liveditor.isa import ISAConfig, dispatch, isa_attention
-from liveditor.isa.reference import isa_attention_torch, pool_blocks
-from liveditor.isa.layout import block_layout, token_blocks
+from liveditor.isa.reference import isa_attention_torch
+from liveditor.isa.layout import token_blocks
 
 pytest.importorskip("triton")
 from liveditor.isa import ops  # noqa: E402
@@ -113,46 +113,6 @@ def test_decisions_and_info_equal_pytorch_path(count_rounding, sharpness, seed):
     assert info_kernel.flop_fraction == pytest.approx(info_torch.flop_fraction)
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_pooling_kernel_matches_reference_and_reads_strided_inputs(seed):
-    B, H, L_src, L_ctx, D, b = 2, 3, 77, 50, 64, 16
-    N = L_src + L_ctx
-    g = generator(seed)
-    # [B, N, H, D] transposed to [B, H, N, D]: the layout attention layers hand over.
-    q, k, v = (torch.randn(B, N, H, D, device=DEVICE, generator=g).transpose(1, 2).requires_grad_()
-               for _ in range(3))
-    pooled = ops.isa_pool(q, k, v, L_src, b)
-    layout = block_layout(L_src, L_ctx, b, q.device)
-    expected = [pool_blocks(x, layout) for x in (q, k, v)]
-    for got, want in zip(pooled, expected):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    weights = [torch.randn(p.shape, device=DEVICE, generator=g) for p in pooled]
-    got = torch.autograd.grad(sum((p * w).sum() for p, w in zip(pooled, weights)), (q, k, v))
-    want = torch.autograd.grad(sum((p * w).sum() for p, w in zip(expected, weights)), (q, k, v))
-    for a, r in zip(got, want):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("seed", [0])
-@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
-@pytest.mark.parametrize("H,D,b,dtype", [(4, 64, 16, torch.bfloat16), (3, 128, 32, torch.float32),
-                                         (2, 256, 64, torch.float16)])
-def test_pooling_programs_cover_every_head(H, D, b, dtype, layout, seed):
-    """A pooling program takes as many heads of a block as fit its tile (all four at D=64, b=16;
-    two at D=128, b=32, so three heads take two programs; one at D=256, b=64): every head and block
-    is the fp32 mean of its real tokens, on the model's [B, N, H, D] memory and on contiguous
-    [B, H, N, D]."""
-    B, L_src, L_ctx = 2, 3 * b + 5, 2 * b - 3
-    N = L_src + L_ctx
-    g = generator(seed)
-    x = [torch.randn(B, N, H, D, device=DEVICE, generator=g).to(dtype).transpose(1, 2) for _ in range(3)]
-    q, k, v = x if layout == "transposed" else (t.contiguous() for t in x)
-    blocks = block_layout(L_src, L_ctx, b, q.device)
-    for got, t in zip(ops.isa_pool(q, k, v, L_src, b), (q, k, v)):
-        torch.testing.assert_close(got, pool_blocks(t, blocks), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("nb,n_kv", [(9, 7), (100, 70)])
 def test_exact_users_invert_the_exact_lists(nb, n_kv, seed):
@@ -224,8 +184,7 @@ def test_triton_backend_refuses_what_it_cannot_run_and_matches_torch(seed):
 
 @pytest.fixture(scope="module", params=[0], ids=lambda seed: f"seed{seed}")
 def planned(request):
-    """Inputs and the routing tables plan_isa makes for them (computed once: the pooling kernel is
-    slow under the interpreter)."""
+    """Inputs and the routing tables plan_isa makes for them, computed once for the module's tests."""
     B, H, L_src, L_ctx, D, b = 2, 2, 40, 24, 32, 16
     q, k, v = draw(B, H, L_src + L_ctx, D, torch.bfloat16, seed=request.param)
     config = ISAConfig(block_size=b, select_ratio=0.5, exact_ratio=0.5)

@@ -143,6 +143,23 @@ def test_context_restarts_rope_positions_on_the_same_grid():
     torch.testing.assert_close(rotated[:, n + p], rotated[:, p])
 
 
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    """Channel pairs (2i, 2i+1) of every head turn by the angle of Wan's table at that token: the
+    product of the pair as a complex number with exp(i theta), in fp32, rounded to the input dtype."""
+    from liveditor.models.attention_processor import apply_rotary_embedding
+
+    model = _model()
+    x, _, _, _ = _inputs(frames=3, height=6, width=10)
+    cos, sin = model.rope(x)  # [1, N, 1, D], each angle repeated over its pair
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randn(2, cos.shape[1], 3, cos.shape[-1], generator=g).to(torch.bfloat16)
+    rotated = apply_rotary_embedding(tokens, cos, sin)
+    turn = torch.complex(cos[..., 0::2], sin[..., 0::2])
+    expected = torch.view_as_real(torch.view_as_complex(tokens.float().unflatten(-1, (-1, 2))) * turn).flatten(-2)
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated, expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
 @torch.no_grad()
 def test_absolute_position_embedding_starts_as_a_no_op_on_trained_weights():
     plain = _model()

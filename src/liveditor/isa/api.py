@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from .config import ISAConfig
 from .dispatch import resolve_backend
-from .layout import block_layout, sequence_tile_permutation
-from .reference import pool_blocks
+from .layout import block_means, expand_blocks, sequence_tile_permutation
 
 MAX_HEAD_DIM = 256
 
@@ -153,11 +152,11 @@ def coarse_residual(
     order = _token_order(config, num_source, N, grid, q.device)
     if order is not None:
         q, k, v, gate = q[:, :, order], k[:, :, order], v[:, :, order], gate[:, order]
-    layout = block_layout(num_source, N - num_source, config.block_size, q.device)
+    b = config.block_size
     with _own_precision(q):
-        qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+        qc, kc, vc = (block_means(x, num_source, b) for x in (q, k, v))
         probs = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)
-        residual = (probs @ vc)[:, :, layout.token_block] * gate.reshape(B, 1, N, 1).to(probs.dtype)
+        residual = expand_blocks(probs @ vc, num_source, N, b) * gate.reshape(B, 1, N, 1).to(probs.dtype)
     if order is not None:
         residual = residual[:, :, torch.argsort(order)]
     return residual.to(q.dtype)

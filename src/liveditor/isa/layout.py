@@ -60,6 +60,46 @@ def block_layout(num_source: int, num_context: int, block_size: int, device) -> 
     )
 
 
+def decision_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Pooling and routing run in fp32 at least (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _segments(num_source: int, num_tokens: int, block_size: int):
+    """(first token, whole blocks, tokens of the partial last block) of the source, then the context."""
+    for start, length in ((0, num_source), (num_source, num_tokens - num_source)):
+        if length:
+            yield start, *divmod(length, block_size)
+
+
+def block_means(x: torch.Tensor, num_source: int, block_size: int) -> torch.Tensor:
+    """Mean of each block's tokens, `[B, H, N, D]` -> `[B, H, nb, D]` in the decision dtype (source
+    and context blocked apart). Whole blocks are summed through a view and each segment's partial
+    last block on its own: no copy of x, and under torch.compile it fuses with x's producer and its
+    backward is a broadcast (no scatter)."""
+    b, dtype, parts = block_size, decision_dtype(x.dtype), []
+    for start, whole, tail in _segments(num_source, x.shape[2], b):
+        if whole:
+            blocks = x[:, :, start:start + whole * b].unflatten(2, (whole, b))
+            parts.append(blocks.sum(3, dtype=dtype) / b)
+        if tail:
+            end = start + whole * b
+            parts.append(x[:, :, end:end + tail].sum(2, keepdim=True, dtype=dtype) / tail)
+    return torch.cat(parts, dim=2)
+
+
+def expand_blocks(xc: torch.Tensor, num_source: int, num_tokens: int, block_size: int) -> torch.Tensor:
+    """Each token's block row: `[B, H, nb, D]` -> `[B, H, num_tokens, D]`, the inverse layout of
+    block_means (a broadcast, whose backward sums each block's tokens)."""
+    b, parts, first = block_size, [], 0
+    for _, whole, tail in _segments(num_source, num_tokens, b):
+        n = whole + (tail > 0)
+        rows = xc[:, :, first:first + n, None, :].expand(-1, -1, -1, b, -1).flatten(2, 3)
+        parts.append(rows[:, :, :whole * b + tail])
+        first += n
+    return torch.cat(parts, dim=2)
+
+
 def token_blocks(num_source: int, num_context: int, block_size: int, device) -> torch.Tensor:
     """Block of each token, `[N]` long (source and context blocked apart); static shapes, no layout."""
     n_src, _ = segment_blocks(num_source, num_context, block_size)

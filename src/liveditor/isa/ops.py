@@ -3,7 +3,8 @@
 The operator (`isa_attention_triton`) runs the same stages as the PyTorch path and takes the same
 decisions (it calls `reference.coarse_decisions` on the pooled tensors):
 
-1. `liveditor::isa_pool`: fp32 block means of q, k, v (Triton, one pass).
+1. fp32 block means of q, k, v (`layout.block_means`: torch ops, which torch.compile fuses with
+   q, k, v's producer).
 2. Coarse logits, softmax, context ranking, sharpness routing and each flat block's exact key
    blocks: torch ops on the device (top-k stays on the GPU, no host sync).
 3. Exact group: a dense kernel (see `dense_kernels`: measured or pinned, FlashAttention-3 if
@@ -28,9 +29,8 @@ import torch
 
 from .config import ISAConfig, ISAInfo, block_counts, segment_blocks
 from .dense_kernels import choose_dense_kernel, dense_exact_attention
-from .layout import block_layout, token_blocks
+from .layout import block_layout, block_means, expand_blocks
 from .reference import coarse_decisions, flop_fraction
-from .triton_pool import pool_qkv
 from .triton_sparse import (
     gather_exact_rows,
     pack_kept,
@@ -48,48 +48,6 @@ def block_spans(blocks: torch.Tensor, num_source: int, n_tokens: int, block_size
     start = torch.where(is_src, blocks * block_size, num_source + (blocks - n_src) * block_size)
     limit = torch.where(is_src, torch.full_like(blocks, num_source), torch.full_like(blocks, n_tokens))
     return start, torch.minimum(start + block_size, limit) - start
-
-
-# --------------------------------------------------------------------------------- pooling op
-
-
-@torch.library.custom_op("liveditor::isa_pool", mutates_args=())
-def isa_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_source: int, block_size: int) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    return pool_qkv(q, k, v, num_source, block_size)
-
-
-@isa_pool.register_fake
-def _isa_pool_fake(q, k, v, num_source, block_size):
-    B, H, N, D = q.shape
-    nb = sum(segment_blocks(num_source, N - num_source, block_size))
-    return tuple(q.new_empty(B, H, nb, D, dtype=torch.float32) for _ in range(3))
-
-
-def _isa_pool_setup(ctx, inputs, output):
-    q, k, v, num_source, block_size = inputs
-    ctx.num_source, ctx.block_size = num_source, block_size
-    ctx.n_tokens = q.shape[2]
-    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-
-
-def _isa_pool_backward(ctx, dqc, dkc, dvc):
-    n_tokens, b = ctx.n_tokens, ctx.block_size
-    grads = []
-    for grad, dtype in zip((dqc, dkc, dvc), ctx.dtypes):
-        if grad is None:
-            grads.append(None)
-            continue
-        n_src, n_ctx = segment_blocks(ctx.num_source, n_tokens - ctx.num_source, b)
-        blocks = torch.arange(n_src + n_ctx, device=grad.device)
-        _, length = block_spans(blocks, ctx.num_source, n_tokens, b)
-        token_block = token_blocks(ctx.num_source, n_tokens - ctx.num_source, b, grad.device)
-        grads.append((grad / length[:, None].to(grad.dtype))[:, :, token_block].to(dtype))
-    return (*grads, None, None)
-
-
-isa_pool.register_autograd(_isa_pool_backward, setup_context=_isa_pool_setup)
 
 
 # ------------------------------------------------------------------------- sparse attention op
@@ -284,10 +242,10 @@ class ISAPlan:
 
 
 def plan_isa(q, k, v, num_source: int, config: ISAConfig, scale: float) -> ISAPlan:
-    """Pooling (Triton), coarse map and all routing decisions (torch ops on the device)."""
+    """Pooling, coarse map and all routing decisions (torch ops on the device)."""
     B, H, N, D = q.shape
     counts = block_counts(num_source, N - num_source, config)
-    qc, kc, vc = isa_pool(q, k, v, num_source, config.block_size)
+    qc, kc, vc = (block_means(x, num_source, config.block_size) for x in (q, k, v))
     _, probs, kept, selected, exact_query, exact_key, exact_key_list = coarse_decisions(qc, kc, scale, counts,
                                                                                         config)
     query_order = torch.sort(exact_query.to(torch.uint8), dim=-1, descending=True, stable=True).indices
@@ -326,7 +284,7 @@ def isa_attention_triton(q, k, v, num_source: int, config: ISAConfig, gate=None,
                                   plan.exact_lists, plan.exact_mask, exact_out, num_source, b, n_full, float(scale))
 
     if gate is not None:
-        coarse_out = (plan.probs @ plan.vc)[:, :, token_blocks(num_source, num_context, b, q.device)]
+        coarse_out = expand_blocks(plan.probs @ plan.vc, num_source, N, b)
         out = (out.to(coarse_out.dtype) + gate.reshape(B, 1, N, 1).to(coarse_out.dtype) * coarse_out).to(q.dtype)
 
     if not return_info:

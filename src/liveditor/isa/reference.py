@@ -13,15 +13,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockCounts, ISAConfig, ISAInfo, block_counts
-from .layout import BlockLayout, block_layout
+from .layout import BlockLayout, block_layout, decision_dtype
 
 # Upper bound on the logits held at once per chunk (elements), about 256 MB in fp32.
 _CHUNK_ELEMENTS = 1 << 26
-
-
-def decision_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Pooling and routing run in fp32 at least (fp64 stays fp64, for gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:

@@ -32,6 +32,11 @@ def on_input_device(launcher):
     return launch
 
 
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows are contiguous (the kernels take the other strides as arguments)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def tile_rows(block_size: int) -> int:
     """Rows of a query/key tile: the block size rounded up to a power of two, at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(block_size))

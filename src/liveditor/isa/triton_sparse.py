@@ -22,8 +22,17 @@ import triton
 import triton.language as tl
 
 from .config import segment_blocks
-from .triton_common import INTERPRET, LN2, LOG2E, block_span, mma, on_input_device, tile_dims, tile_rows
-from .triton_pool import last_dim_contiguous
+from .triton_common import (
+    INTERPRET,
+    LN2,
+    LOG2E,
+    block_span,
+    last_dim_contiguous,
+    mma,
+    on_input_device,
+    tile_dims,
+    tile_rows,
+)
 
 POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
 
@@ -458,10 +467,16 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _launch_options(block_size: int, head_dim: int, backward: bool = False) -> dict:
+def _launch_options(block_size: int, head_dim: int, kernel: str) -> dict:
+    """num_warps / num_stages of `kernel` ("forward", "dq", "dkdv" or "pooled") for these tiles."""
+    rows, dims = tile_rows(block_size), tile_dims(head_dim)
+    if rows * dims <= 16 * 64 and kernel != "pooled":
+        # A 16 x 64 tile is one warp's work: more programs per SM (one H200 at the tiny model's
+        # training shape, docs/benchmarks.md: forward 1.57 -> 0.95 ms, dq 1.39 -> 1.11, dk/dv 0.95 -> 0.52).
+        return dict(num_warps=1, num_stages=3 if kernel == "dkdv" else 1)
     # 64-row tiles: one warpgroup; wider tiles need two. Backward holds two accumulators: shallower pipeline.
-    wide = tile_rows(block_size) * tile_dims(head_dim) > 64 * 128
-    return dict(num_warps=8 if wide else 4, num_stages=2 if backward or wide else 3)
+    wide = rows * dims > 64 * 128
+    return dict(num_warps=8 if wide else 4, num_stages=2 if kernel != "forward" or wide else 3)
 
 
 @on_input_device
@@ -498,7 +513,7 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
             *_strides(q, k, v),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E.value,
-            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D),
+            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "forward"),
         )
     return out, lse
 
@@ -607,7 +622,6 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     _expect("sparse_backward", "lse", lse, torch.float32, (B, H, N), q.device)
     q, k, v, dout, out = (last_dim_contiguous(x) for x in (q, k, v, dout, out))
     meta = _meta(q, block_size)
-    options = _launch_options(block_size, D, backward=True)
     delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     # Zero fills only where no kernel writes: the exact group's dq rows when the dense kernel's
     # backward gives them, the pooled gradients when no Taylor block exists. The dk/dv kernel writes
@@ -624,20 +638,20 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
             q, k, v, dout, out, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,
             *_strides(q, k, v, dout, out),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, qk_scale, scale,
-            BLOCK_P=POOLED_CHUNK, **meta, **options,
+            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "dq"),
         )
     users, n_users = exact_users(exact_mask, query_order, kept, num_full, not exact_from_dense)
     _bwd_dkdv_kernel[(nb, B * H)](
         q, k, v, dout, lse, delta, users, n_users, dk, dv,
         *_strides(q, k, v, dout),
         H, N, num_source, n_src, nb, qk_scale, scale,
-        **meta, **options,
+        **meta, **_launch_options(block_size, D, "dkdv"),
     )
     if nb > num_full:
         _bwd_pooled_kernel[(triton.cdiv(n_kv, POOLED_CHUNK), B * H)](
             q, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_mask, dpk, dpv,
             *_strides(q, dout),
             H, N, num_source, n_src, nb, n_kv, num_full, qk_scale, scale,
-            BLOCK_P=POOLED_CHUNK, **meta, **options,
+            BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "pooled"),
         )
     return dq, dk, dv, dpk, dpv

@@ -116,12 +116,16 @@ def coarse_gate_value(gate_logit: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of `x` [B, N, H, D] by Wan's RoPE tables [1, N, 1, D]."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos = cos[..., 0::2]
-    sin = sin[..., 1::2]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate interleaved channel pairs of `x` [B, N, H, D] by Wan's RoPE tables [1, N, 1, D] (each
+    pair's angle repeated over its two channels): (even, odd) -> (even cos - odd sin, odd cos + even sin).
+
+    Written as x * cos + swap(x) * (-sin, sin) rather than de-interleaving and stacking, which
+    torch.compile turned into masked, strided loads (the slowest kernel of a training step's forward).
+    """
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) in each pair
+    sign = torch.arange(x.shape[-1], device=x.device) % 2 * 2 - 1  # -1, 1, -1, ...: no host-to-device copy
+    return (x32 * cos + swapped * (sin * sign)).type_as(x)
 
 
 class LIVEditorAttnProcessor:

@@ -419,14 +419,15 @@ def test_block_means_and_expand_blocks_follow_the_block_layout(L_src, L_ctx, b, 
     """block_means is the mean of each block's real tokens (partial last blocks of either segment,
     no context, a segment shorter than a block) on the model's transposed [B, N, H, D] memory, in the
     decision dtype; expand_blocks gives every token its block's row; gradients of both match the
-    layout's gather formulation."""
+    formulation through the block layout's slots (a gather and a mask)."""
     B, H, D = 2, 3, 8
     N = L_src + L_ctx
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
     layout = block_layout(L_src, L_ctx, b, "cpu")
     means = block_means(x, L_src, b)
-    expected = reference.pool_blocks(x, layout)
+    slots = x[:, :, layout.token_index].to(means.dtype) * layout.slot_valid[:, :, None]  # [B, H, nb, b, D]
+    expected = slots.sum(3) / layout.block_length[:, None]
     assert means.dtype == torch.promote_types(dtype, torch.float32) and means.shape == expected.shape
     torch.testing.assert_close(means, expected, rtol=1e-6, atol=1e-6)
     weights = torch.randn(means.shape, generator=g, dtype=means.dtype)

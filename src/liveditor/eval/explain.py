@@ -24,8 +24,7 @@ import torch
 
 from ..errors import LIVEditorError
 from ..isa import ISAConfig
-from ..isa.layout import block_layout, tile_permutation
-from ..isa.reference import pool_blocks
+from ..isa.layout import block_means, tile_permutation
 from .activations import ConditionalAttentionProbe, check_indices
 
 EXPLAIN_JSON = "explain.json"
@@ -103,13 +102,11 @@ def context_block_mass(query: torch.Tensor, key: torch.Tensor, num_source: int, 
                        config: ISAConfig) -> torch.Tensor:
     """``[B, H, n_ctx]``: coarse softmax mass of the pooled source queries on each pooled context
     key block, averaged over source blocks (ISA's pre-selection ranks context blocks by it)."""
-    n_tokens = query.shape[2]
     if config.token_order == "tile":
         order = token_order(num_source, grid, config)
         order = torch.cat([order, order + num_source]).to(query.device)
         query, key = query[:, :, order], key[:, :, order]
-    layout = block_layout(num_source, n_tokens - num_source, config.block_size, query.device)
-    qc, kc = pool_blocks(query, layout), pool_blocks(key, layout)
+    qc, kc = block_means(query, num_source, config.block_size), block_means(key, num_source, config.block_size)
     n_src = -(-num_source // config.block_size)
     probs = torch.softmax((qc @ kc.transpose(-1, -2)) / query.shape[-1] ** 0.5, dim=-1)
     return probs[:, :, :n_src, n_src:].mean(-2)

@@ -75,8 +75,7 @@ def _segments(num_source: int, num_tokens: int, block_size: int):
 def block_means(x: torch.Tensor, num_source: int, block_size: int) -> torch.Tensor:
     """Mean of each block's tokens, `[B, H, N, D]` -> `[B, H, nb, D]` in the decision dtype (source
     and context blocked apart). Whole blocks are summed through a view and each segment's partial
-    last block on its own: no copy of x, and under torch.compile it fuses with x's producer and its
-    backward is a broadcast (no scatter)."""
+    last block on its own: no copy of x, and its backward is a broadcast (no scatter)."""
     b, dtype, parts = block_size, decision_dtype(x.dtype), []
     for start, whole, tail in _segments(num_source, x.shape[2], b):
         if whole:

@@ -3,8 +3,8 @@
 The operator (`isa_attention_triton`) runs the same stages as the PyTorch path and takes the same
 decisions (it calls `reference.coarse_decisions` on the pooled tensors):
 
-1. fp32 block means of q, k, v (`layout.block_means`: torch ops, which torch.compile fuses with
-   q, k, v's producer).
+1. fp32 block means of q, k, v (`layout.block_means`: torch ops; compiled, their backward is a
+   broadcast).
 2. Coarse logits, softmax, context ranking, sharpness routing and each flat block's exact key
    blocks: torch ops on the device (top-k stays on the GPU, no host sync).
 3. Exact group: a dense kernel (see `dense_kernels`: measured or pinned, FlashAttention-3 if

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockCounts, ISAConfig, ISAInfo, block_counts
-from .layout import BlockLayout, block_layout, decision_dtype
+from .layout import BlockLayout, block_layout, block_means, decision_dtype
 
 # Upper bound on the logits held at once per chunk (elements), about 256 MB in fp32.
 _CHUNK_ELEMENTS = 1 << 26
@@ -24,19 +24,6 @@ def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     if layout.whole_blocks:
         return x.unflatten(2, tuple(layout.token_index.shape))
     return x[:, :, layout.token_index]
-
-
-def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Mean of each block's real tokens: [B, H, N, D] -> [B, H, nb, D] in the decision dtype."""
-    return _block_means(_as_blocks(x, layout), layout)
-
-
-def _block_means(blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """`pool_blocks` of x already as blocks [B, H, nb, b, D] (see `_as_blocks`)."""
-    xb = blocks.to(decision_dtype(blocks.dtype))
-    if not layout.whole_blocks:
-        xb = xb * layout.slot_valid.to(xb.dtype)[:, :, None]
-    return xb.sum(-2) / layout.block_length.to(xb.dtype)[:, None]
 
 
 def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfig):
@@ -179,7 +166,7 @@ def isa_attention_torch(q, k, v, num_source: int, config: ISAConfig, gate=None, 
 
     # Views when the blocks are whole; with partial blocks, one gather each, shared by every use below.
     q_blocks, k_blocks, v_blocks = (_as_blocks(x, layout) for x in (q, k, v))  # [B, H, nb, b, D]
-    qc, kc, vc = (_block_means(x, layout) for x in (q_blocks, k_blocks, v_blocks))
+    qc, kc, vc = (block_means(x, num_source, b) for x in (q, k, v))
     logits, probs, kept, selected, exact_query, exact_key, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     # Kept key set: all source blocks plus the selected context blocks, as padded slots.
@@ -270,7 +257,7 @@ def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scal
     layout = block_layout(N, 0, b, q.device)  # blocks of [source | context] from its start
     nb = counts.num_blocks
     dtype = decision_dtype(q.dtype)
-    qc, kc, vc = (pool_blocks(x, layout) for x in (q, k, v))
+    qc, kc, vc = (block_means(x, N, b) for x in (q, k, v))  # one segment: blocks from the start
     _, probs, _, selected, exact_query, _, _ = coarse_decisions(qc, kc, scale, counts, config)
 
     pad = nb * b - N

@@ -470,9 +470,13 @@ def _strides(*tensors):
 def _launch_options(block_size: int, head_dim: int, kernel: str) -> dict:
     """num_warps / num_stages of `kernel` ("forward", "dq", "dkdv" or "pooled") for these tiles."""
     rows, dims = tile_rows(block_size), tile_dims(head_dim)
-    if rows * dims <= 16 * 64 and kernel != "pooled":
-        # A 16 x 64 tile is one warp's work: more programs per SM (one H200 at the tiny model's
-        # training shape, docs/benchmarks.md: forward 1.57 -> 0.95 ms, dq 1.39 -> 1.11, dk/dv 0.95 -> 0.52).
+    if rows * dims <= 16 * 64:
+        # A 16 x 64 query or key tile is one warp's work: more programs per SM. The pooled-key kernel's
+        # tile is 64 pooled keys whatever the block. benchmarks/bench_isa_launch.py, one H200, the tiny
+        # model's training shape (docs/benchmarks.md): forward 1.58 -> 0.97 ms, dq 1.40 -> 1.12,
+        # dk/dv 0.96 -> 0.53 against four warps, pooled 0.30 with three stages against 0.39 with two.
+        if kernel == "pooled":
+            return dict(num_warps=4, num_stages=3)
         return dict(num_warps=1, num_stages=3 if kernel == "dkdv" else 1)
     # 64-row tiles: one warpgroup; wider tiles need two. Backward holds two accumulators: shallower pipeline.
     wide = rows * dims > 64 * 128

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from liveditor.atomic import write_json
 from liveditor.isa import ISAConfig, ops
 from liveditor.isa import triton_sparse
 from liveditor.isa.config import block_counts
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         cells = " | ".join("-" if row[k] is None else f"{row[k]:.3f}" for k in KERNELS)
         print(f"| {name} | {cells} | {row['max_diff']:.2g} |")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        write_json(args.json_path, result)  # atomically: an interrupted run leaves any earlier file whole
         print(f"wrote {args.json_path}")
     return result
 

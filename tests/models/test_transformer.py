@@ -138,7 +138,7 @@ def test_context_restarts_rope_positions_on_the_same_grid():
 
     g = torch.Generator().manual_seed(5)
     vec = torch.randn(1, 1, 2, cos.shape[-1], generator=g).expand(1, 2 * n, 2, -1)
-    rotated = apply_rotary_embedding(vec, cos, sin)
+    rotated, = apply_rotary_embedding(cos, sin, vec)
     p = torch.randint(0, n, (5,), generator=g)
     torch.testing.assert_close(rotated[:, n + p], rotated[:, p])
 
@@ -153,7 +153,7 @@ def test_rope_rotates_each_channel_pair_by_its_angle():
     cos, sin = model.rope(x)  # [1, N, 1, D], each angle repeated over its pair
     g = torch.Generator().manual_seed(11)
     tokens = torch.randn(2, cos.shape[1], 3, cos.shape[-1], generator=g).to(torch.bfloat16)
-    rotated = apply_rotary_embedding(tokens, cos, sin)
+    rotated, = apply_rotary_embedding(cos, sin, tokens)
     turn = torch.complex(cos[..., 0::2], sin[..., 0::2])
     expected = torch.view_as_real(torch.view_as_complex(tokens.float().unflatten(-1, (-1, 2))) * turn).flatten(-2)
     assert rotated.dtype == torch.bfloat16

@@ -90,11 +90,12 @@ def block_means(x: torch.Tensor, num_source: int, block_size: int) -> torch.Tens
 def expand_blocks(xc: torch.Tensor, num_source: int, num_tokens: int, block_size: int) -> torch.Tensor:
     """Each token's block row: `[B, H, nb, D]` -> `[B, H, num_tokens, D]`, the inverse layout of
     block_means (a broadcast, whose backward sums each block's tokens)."""
-    b, parts, first = block_size, [], 0
+    b = block_size
     if num_source % b == 0 and num_tokens % b == 0:
         # Whole blocks: one broadcast, which the compiler recomputes in the backward instead of
         # saving the [B, H, N, D] result (a slice and a concatenation made it save it).
         return xc[:, :, :, None, :].expand(-1, -1, -1, b, -1).flatten(2, 3)
+    parts, first = [], 0
     for _, whole, tail in _segments(num_source, num_tokens, b):
         n = whole + (tail > 0)
         rows = xc[:, :, first:first + n, None, :].expand(-1, -1, -1, b, -1).flatten(2, 3)

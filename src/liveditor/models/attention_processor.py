@@ -115,17 +115,23 @@ def coarse_gate_value(gate_logit: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(gate_logit.float()) - 0.5) * 0.5
 
 
-def apply_rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of `x` [B, N, H, D] by Wan's RoPE tables [1, N, 1, D] (each
-    pair's angle repeated over its two channels): (even, odd) -> (even cos - odd sin, odd cos + even sin).
+def apply_rotary_embedding(cos: torch.Tensor, sin: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rotate interleaved channel pairs of each of `tensors` [B, N, H, D] by Wan's RoPE tables
+    [1, N, 1, D] (each pair's angle repeated over its two channels): (even, odd) -> (even cos - odd sin,
+    odd cos + even sin). Returns the rotated tensors in order.
 
     Written as x * cos + swap(x) * (-sin, sin) rather than de-interleaving and stacking, which
-    torch.compile turned into masked, strided loads (the slowest kernel of a training step's forward).
+    torch.compile turned into masked, strided loads (the slowest kernel of a training step's forward);
+    the signed sine table is built once for all the tensors (q and k of a layer).
     """
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) in each pair
-    sign = torch.arange(x.shape[-1], device=x.device) % 2 * 2 - 1  # -1, 1, -1, ...: no host-to-device copy
-    return (x32 * cos + swapped * (sin * sign)).type_as(x)
+    signs = torch.arange(cos.shape[-1], device=cos.device) % 2 * 2 - 1  # -1, 1, -1, ...: no host-to-device copy
+    signed_sin = sin * signs
+    rotated = []
+    for x in tensors:
+        x32 = x.float()
+        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) in each pair
+        rotated.append((x32 * cos + swapped * signed_sin).type_as(x))
+    return tuple(rotated)
 
 
 class LIVEditorAttnProcessor:
@@ -197,8 +203,7 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[t
     key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
     value = value.unflatten(2, (attn.heads, -1))
     if rotary_emb is not None:
-        query = apply_rotary_embedding(query, *rotary_emb)
-        key = apply_rotary_embedding(key, *rotary_emb)
+        query, key = apply_rotary_embedding(*rotary_emb, query, key)
     return query, key, value
 
 

@@ -161,6 +161,30 @@ def test_rope_rotates_each_channel_pair_by_its_angle():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-projections"])
+def test_cross_attention_processor_computes_wans_function(fused):
+    """Every block's text cross-attention runs LIVEditorCrossAttnProcessor, which computes what
+    diffusers' WanAttnProcessor computes (on a CPU through the same SDPA call: bitwise), with separate
+    or fused k/v projections."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from liveditor.models.attention_processor import LIVEditorCrossAttnProcessor
+
+    model = _model()
+    attn = model.blocks[0].attn2
+    assert all(isinstance(block.attn2.processor, LIVEditorCrossAttnProcessor) for block in model.blocks)
+    if fused:
+        attn.fuse_projections()
+        assert attn.fused_projections
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 37, attn.inner_dim, generator=g)
+    text = torch.randn(2, 9, attn.inner_dim, generator=g)
+    ours = attn(hidden, text)
+    attn.set_processor(WanAttnProcessor())
+    torch.testing.assert_close(ours, attn(hidden, text), rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_absolute_position_embedding_starts_as_a_no_op_on_trained_weights():
     plain = _model()
     placed = _model(absolute_position_embedding=True)

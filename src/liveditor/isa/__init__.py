@@ -4,7 +4,7 @@
     out = isa_attention(q, k, v, num_source=L_src, config=ISAConfig())
 """
 
-from .api import coarse_residual, dense_attention, isa_attention
+from .api import coarse_residual, dense_attention, few_key_attention, isa_attention
 from .config import ISAConfig, ISAInfo
 from .dense_kernels import dense_kernel_choices, dense_kernel_setting, set_dense_kernel
 
@@ -15,6 +15,7 @@ __all__ = [
     "dense_attention",
     "dense_kernel_choices",
     "dense_kernel_setting",
+    "few_key_attention",
     "isa_attention",
     "set_dense_kernel",
 ]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig
-from .dispatch import resolve_backend
+from .dispatch import resolve_backend, resolve_few_key_backend
 from .layout import block_means, expand_blocks, sequence_tile_permutation
 
 MAX_HEAD_DIM = 256
@@ -166,3 +166,38 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """Full softmax attention over the whole sequence (PyTorch SDPA), the reference ISA approximates."""
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def few_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """Softmax attention of `[B, N, H, D]` queries over `[B, L, H, D]` keys and values, token-major
+    (diffusers' attention layout), for a short key sequence such as a text prompt's tokens.
+
+    backend "auto": on CUDA, with at most 64 keys and head dim at most 128, Triton kernels that hold
+    every key of a head in registers (at the tiny model's training shape 2.5x less device time than
+    SDPA forward + backward, benchmarks/bench_few_keys.py); otherwise SDPA. "torch": SDPA; "triton": the kernels or an error. Under autocast the inputs are
+    cast to its dtype first, as SDPA's autocast policy does. Returns `[B, N, H, D]`.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating [B, tokens, H, D] tensor")
+    B, N, H, D = query.shape
+    if key.shape != value.shape or key.shape[0] != B or key.shape[2:] != (H, D):
+        raise ValueError(f"key and value must be [B={B}, L, H={H}, D={D}], got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    if N == 0 or key.shape[1] == 0 or D == 0:
+        raise ValueError(f"need queries, keys and a head dim, got {tuple(query.shape)} over {tuple(key.shape)}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key, value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if resolve_few_key_backend(backend, query, key) == "triton":
+        from .triton_few_keys import few_key_attention_op
+
+        return few_key_attention_op(query, key, value, 1.0 / math.sqrt(D) if scale is None else float(scale))[0]
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         scale=scale)
+    return out.transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Backend choice for isa_attention.
+"""Backend choice for isa_attention and few_key_attention.
 
 "torch": the PyTorch path (any device and dtype, the reference). "triton": the Triton kernels
 (CUDA; also Triton's CPU interpreter when TRITON_INTERPRET=1, for tests). "auto": triton for the
@@ -9,7 +9,9 @@ path is the normal one on CPU).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -20,6 +22,8 @@ from .reference import isa_attention_torch
 BACKENDS = ("auto", "torch", "triton")
 
 logger = logging.getLogger(__name__)
+# Looked up once: torch.compile cannot trace importlib, and the answer does not change in a process.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _fallbacks_logged: set[str] = set()
 
 
@@ -56,3 +60,40 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
         raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
     _log_fallback_once(reason, q)
     return isa_attention_torch
+
+
+def few_key_triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the few-key Triton kernels cannot run `[B, N, H, D]` queries over `[B, L, H, D]` keys, or None."""
+    from .triton_few_keys import MAX_HEAD_DIM, MAX_KEYS  # imports Triton: callers check it is installed
+
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"inputs are on {q.device.type}, not CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not float16/bfloat16/float32"
+    if k.shape[1] > MAX_KEYS:
+        return f"{k.shape[1]} keys are over {MAX_KEYS}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} is over {MAX_HEAD_DIM}"
+    return None
+
+
+def resolve_few_key_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """"torch" (SDPA) or "triton" for few_key_attention on these inputs.
+
+    "auto": the Triton kernels for the CUDA inputs they run (they exist for speed; SDPA computes the
+    same function and is the normal path elsewhere, so falling back is not logged).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return "torch"
+    if not TRITON_INSTALLED:
+        if backend == "triton":
+            raise ValueError('backend="triton" is not available: triton is not installed')
+        return "torch"
+    reason = few_key_triton_unsupported_reason(q, k)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
+    return "torch"

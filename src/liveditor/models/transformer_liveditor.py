@@ -5,7 +5,8 @@ Built from diffusers' Wan building blocks (patch embedding, time/text embedder, 
 
 - a second patch embedding (`context_embedding`) for the clean latent of the input video;
 - one self-attention sequence `[source | context]` per block (source = the noisy latent being
-  generated); cross-attention to the text is unchanged;
+  generated); cross-attention to the text computes Wan's function (its processor,
+  `LIVEditorCrossAttnProcessor`, runs short prompts through Triton kernels on CUDA);
 - decoupled 3D RoPE: the context restarts at position 0 on the same (f, h, w) grid as the source;
 - a per-layer coarse-residual gate `attn1.coarse_gate = Linear(dim, 1, bias=False)`;
 - self-attention through the stateless `LIVEditorAttnProcessor` ("isa" or "dense", switchable at
@@ -35,7 +36,13 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from ..isa import ISAConfig
-from .attention_processor import ATTENTION_MODES, AttentionTimer, LIVEditorAttnProcessor, SelfAttentionCall
+from .attention_processor import (
+    ATTENTION_MODES,
+    AttentionTimer,
+    LIVEditorAttnProcessor,
+    LIVEditorCrossAttnProcessor,
+    SelfAttentionCall,
+)
 from .sequence_parallel import SequenceShard
 
 # ISA as the released LIVEditor-14B runs it: top-k sharpness, block counts rounded down (int()).
@@ -125,6 +132,7 @@ class LIVEditorTransformerBlock(WanTransformerBlock):
         # Lives on the attention module so the processor reaches it as `attn.coarse_gate`.
         self.attn1.coarse_gate = nn.Linear(dim, 1, bias=False)
         self.attn1.set_processor(LIVEditorAttnProcessor())
+        self.attn2.set_processor(LIVEditorCrossAttnProcessor())
 
     def forward(
         self,

@@ -65,6 +65,19 @@ def test_kernels_match_the_reference_forward_and_backward(B, N, L, H, D, dtype, 
     assert_flash_rule(kernels, same_precision, reference, dtype, f"B={B} N={N} L={L} H={H} D={D} {dtype}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tensor_core_kernels_at_the_training_shape(dtype, seed):
+    """The tensor-core branch (the interpreter upcasts every dot) at the tiny model's training layout:
+    2,048 queries, 24 keys, 4 heads of 64, a batch large enough for several programs per SM."""
+    q, k, v, dout = draw(8, 2048, 24, 4, 64, dtype, seed)
+    reference = forward_and_grads(sdpa, *(x.double() for x in (q, k, v, dout)))
+    same_precision = forward_and_grads(sdpa, q, k, v, dout)
+    kernels = forward_and_grads(lambda *x: few_key_attention(*x, backend="triton"), q, k, v, dout)
+    assert_flash_rule(kernels, same_precision, reference, dtype, f"training shape {dtype}")
+
+
 @pytest.mark.parametrize("seed", [0])
 def test_backward_is_the_same_whatever_the_programs_per_head(seed):
     """dk/dv are summed over programs that each cover a run of query tiles (more programs when the

@@ -25,6 +25,7 @@ from liveditor.isa.triton_sparse import (  # noqa: E402
     scatter_exact_rows,
     sparse_backward,
     sparse_forward,
+    unpack_kept,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,6 +261,41 @@ def test_backward_reads_strided_dout_and_out_as_dense(planned, exact_from_dense)
     strided = sparse_backward(_transposed_copy(dout), q, k, v, *tables, _transposed_copy(out), lse, *split)
     for a, r in zip(strided, dense):
         assert torch.equal(a, r)
+
+
+def test_unpack_kept_zeroes_the_dropped_context_blocks(planned):
+    """Gradients of the packed kept keys/values back at their tokens, every dropped context block
+    exactly zero (written by the kernel: the outputs are not zero-filled first); the last context
+    block is partial."""
+    (q, k, v), plan, L_src, b = planned
+    N = q.shape[2]
+    k_packed, v_packed = pack_kept(k, v, plan.selected32, L_src, b)
+    torch.full_like(k, float("nan"))  # leave non-zero garbage where the outputs may be allocated
+    dk, dv = unpack_kept(k_packed, v_packed, plan.selected32, L_src, b, N)
+    kept_block = torch.zeros(plan.exact_query.shape, dtype=torch.bool, device=q.device).scatter_(-1, plan.kept, True)
+    kept_token = kept_block[:, :, token_blocks(L_src, N - L_src, b, q.device)][..., None]  # [B, H, N, 1]
+    assert not kept_token.all(), "the case must drop a context block"
+    assert torch.equal(dk, torch.where(kept_token, k, torch.zeros_like(k)))
+    assert torch.equal(dv, torch.where(kept_token, v, torch.zeros_like(v)))
+
+
+def test_backward_leaves_the_dense_kernels_dq_rows_zero(planned):
+    """With the exact group on a dense kernel, sparse_backward's dq is zero on that group's rows
+    (its gradient comes from the dense kernel's backward) and, elsewhere, what it is when the
+    kernels compute the exact group themselves; not zero-filled first."""
+    (q, k, v), plan, L_src, b = planned
+    n_full = int(plan.exact_query.sum(-1).max())
+    N = q.shape[2]
+    tables = tuple(_tables(plan).values())
+    dout = torch.randn(q.shape, device=DEVICE, generator=generator(3)).to(q.dtype)
+    out, lse = sparse_forward(q, k, v, *tables, None, L_src, b, n_full, 0.1)
+    dq_all = sparse_backward(dout, q, k, v, *tables, out, lse, False, L_src, b, n_full, 0.1)[0]
+    exact_out = gather_exact_rows(out, plan.query_order, L_src, b, n_full)
+    out_dense, lse_dense = sparse_forward(q, k, v, *tables, exact_out, L_src, b, n_full, 0.1)
+    torch.full_like(q, float("nan"))  # leave non-zero garbage where dq may be allocated
+    dq = sparse_backward(dout, q, k, v, *tables, out_dense, lse_dense, True, L_src, b, n_full, 0.1)[0]
+    exact_token = plan.exact_query[:, :, token_blocks(L_src, N - L_src, b, q.device)][..., None]
+    assert torch.equal(dq, torch.where(exact_token, torch.zeros_like(dq_all), dq_all))
 
 
 def test_scatter_exact_rows_zeroes_the_taylor_rows(planned):

@@ -154,16 +154,13 @@ def _move_rows_kernel(
 
 
 @triton.jit
-def _move_kept_kernel(
-    SK, SV, DK, DV, SELECTED, skb, skh, skn, svb, svh, svn, H, N, L_src, n_src, n_sel, TO_PACKED: tl.constexpr,
+def _pack_kept_kernel(
+    K, V, K_PACKED, V_PACKED, SELECTED, skb, skh, skn, svb, svh, svn, H, N, L_src, n_src, n_sel,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Kept keys/values between token order and the dense kernel's packed `[B, H, L_src + n_sel*b, D]`.
-
-    Packed order: all source tokens, then the selected context blocks (padding rows zero). With
-    TO_PACKED the token side is (SK, SV) with the given strides; else it is (DK, DV), contiguous,
-    and only kept tokens are written.
-    """
+    """Kept keys/values from token order (K, V with the given strides) into the dense kernel's packed
+    `[B, H, L_src + n_sel*b, D]`: all source tokens, then the selected context blocks (padding rows zero).
+    One program per packed block."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -179,19 +176,47 @@ def _move_kept_kernel(
     n_packed = L_src + n_sel * BLOCK_SIZE
     packed = (bh.to(tl.int64) * n_packed + packed_start + rows)[:, None] * HEAD_DIM + dims[None, :]
     valid = (rows < length)[:, None] & dmask
-    if TO_PACKED:
-        in_slot = (rows < tl.where(is_src, length, BLOCK_SIZE))[:, None] & dmask
-        token_rows = (start + rows)[:, None].to(tl.int64)
-        k = tl.load(SK + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh + token_rows * skn + dims[None, :], mask=valid,
-                    other=0.0)
-        v = tl.load(SV + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh + token_rows * svn + dims[None, :], mask=valid,
-                    other=0.0)
-        tl.store(DK + packed, k, mask=in_slot)
-        tl.store(DV + packed, v, mask=in_slot)
-    else:
-        tokens = (bh.to(tl.int64) * N + start + rows)[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(DK + tokens, tl.load(SK + packed, mask=valid, other=0.0), mask=valid)
-        tl.store(DV + tokens, tl.load(SV + packed, mask=valid, other=0.0), mask=valid)
+    in_slot = (rows < tl.where(is_src, length, BLOCK_SIZE))[:, None] & dmask
+    token_rows = (start + rows)[:, None].to(tl.int64)
+    k = tl.load(K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh + token_rows * skn + dims[None, :], mask=valid,
+                other=0.0)
+    v = tl.load(V + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh + token_rows * svn + dims[None, :], mask=valid,
+                other=0.0)
+    tl.store(K_PACKED + packed, k, mask=in_slot)
+    tl.store(V_PACKED + packed, v, mask=in_slot)
+
+
+@triton.jit
+def _unpack_kept_kernel(
+    DK_PACKED, DV_PACKED, DK, DV, SELECTED, H, N, L_src, n_src, n_sel,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SEL: tl.constexpr,
+):
+    """Inverse of _pack_kept_kernel for gradients, into contiguous token-ordered DK, DV. One program
+    per key block in token order: it writes every row of its block, zeros where the block was dropped,
+    so the outputs need no zero fill first. SELECTED is sorted ascending (one comparison per entry
+    finds a context block's slot)."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = (dims < HEAD_DIM)[None, :]
+    is_src = j < n_src
+    slots = tl.arange(0, BLOCK_SEL)
+    sel = tl.load(SELECTED + bh * n_sel + slots, mask=slots < n_sel, other=-1)
+    hit = sel == (j - n_src)
+    slot = tl.sum(tl.where(hit, slots, 0), 0)
+    start, length = block_span(j, n_src, L_src, N, BLOCK_SIZE)
+    # Rows to copy: the block's own rows if it was kept (a source block, or a selected context block).
+    copied = tl.where(is_src | (tl.sum(hit.to(tl.int32), 0) > 0), length, 0)
+    packed_start = tl.where(is_src, j * BLOCK_SIZE, L_src + slot * BLOCK_SIZE)
+    n_packed = L_src + n_sel * BLOCK_SIZE
+    packed = (bh.to(tl.int64) * n_packed + packed_start + rows)[:, None] * HEAD_DIM + dims[None, :]
+    valid = (rows < length)[:, None] & dmask
+    from_packed = (rows < copied)[:, None] & dmask
+    tokens = (bh.to(tl.int64) * N + start + rows)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(DK + tokens, tl.load(DK_PACKED + packed, mask=from_packed, other=0.0), mask=valid)
+    tl.store(DV + tokens, tl.load(DV_PACKED + packed, mask=from_packed, other=0.0), mask=valid)
 
 
 @triton.jit
@@ -564,8 +589,8 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_sour
     k_packed = torch.empty(B, H, num_source + n_sel * block_size, D, device=k.device, dtype=k.dtype)
     v_packed = torch.empty_like(k_packed)
     meta = _meta(k, block_size)
-    _move_kept_kernel[(n_src + n_sel, B * H)](
-        k, v, k_packed, v_packed, selected, *_strides(k, v), H, N, num_source, n_src, n_sel, TO_PACKED=True,
+    _pack_kept_kernel[(n_src + n_sel, B * H)](
+        k, v, k_packed, v_packed, selected, *_strides(k, v), H, N, num_source, n_src, n_sel,
         BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )
     return k_packed, v_packed
@@ -574,17 +599,19 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_sour
 @on_input_device
 def unpack_kept(dk_packed: torch.Tensor, dv_packed: torch.Tensor, selected: torch.Tensor, num_source: int,
                 block_size: int, num_tokens: int):
-    """Inverse of pack_kept for gradients: token-ordered tensors, zero on the dropped context blocks."""
+    """Inverse of pack_kept for gradients: token-ordered tensors, zero on the dropped context blocks
+    (written by the kernel: no zero fill first). `selected` sorted ascending, as plan_isa makes it."""
     B, H, _, D = dk_packed.shape
     n_src, n_sel = _check_selected("unpack_kept", selected, B, H, num_tokens, num_source, block_size,
                                    dk_packed.device)
-    dk = torch.zeros(B, H, num_tokens, D, device=dk_packed.device, dtype=dk_packed.dtype)
-    dv = torch.zeros_like(dk)
+    _, n_ctx = segment_blocks(num_source, num_tokens - num_source, block_size)
+    dk = torch.empty(B, H, num_tokens, D, device=dk_packed.device, dtype=dk_packed.dtype)
+    dv = torch.empty_like(dk)
     meta = _meta(dk, block_size)
-    _move_kept_kernel[(n_src + n_sel, B * H)](
-        dk_packed.contiguous(), dv_packed.contiguous(), dk, dv, selected, 0, 0, 0, 0, 0, 0,
-        H, num_tokens, num_source, n_src, n_sel, TO_PACKED=False,
+    _unpack_kept_kernel[(n_src + n_ctx, B * H)](
+        dk_packed.contiguous(), dv_packed.contiguous(), dk, dv, selected, H, num_tokens, num_source, n_src, n_sel,
         BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+        BLOCK_SEL=max(16, triton.next_power_of_2(n_sel)),
     )
     return dk, dv
 
@@ -627,16 +654,21 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     q, k, v, dout, out = (last_dim_contiguous(x) for x in (q, k, v, dout, out))
     meta = _meta(q, block_size)
     delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
-    # Zero fills only where no kernel writes: the exact group's dq rows when the dense kernel's
-    # backward gives them, the pooled gradients when no Taylor block exists. The dk/dv kernel writes
-    # every key block.
-    dq = (torch.zeros if exact_from_dense else torch.empty)(B, H, N, D, device=q.device, dtype=q.dtype)
+    # No zero fills where a kernel writes: the dq kernel writes the Taylor group's rows and, unless the
+    # dense kernel's backward gives them, the exact group's; the dk/dv kernel writes every key block.
+    # Only the pooled gradients are filled, when no Taylor block exists.
+    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, N, D, device=q.device, dtype=v.dtype)
     pooled_fill = torch.empty if nb > num_full else torch.zeros
     dpk, dpv = (pooled_fill(B, H, n_kv, D, device=q.device, dtype=torch.float32) for _ in range(2))
     first = num_full if exact_from_dense else 0
     qk_scale = scale * LOG2E.value
+    if first:  # the exact group's dq rows are zero here: the move kernel with no packed rows writes zeros
+        _move_rows_kernel[(first, B * H)](
+            dq, dq, query_order, *dq.stride()[:3], H, N, num_source, n_src, nb, 0, TO_TOKENS=True,
+            BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
+        )
     if nb > first:
         _bwd_dq_kernel[(nb - first, B * H)](
             q, k, v, dout, out, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,

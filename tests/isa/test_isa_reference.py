@@ -93,6 +93,23 @@ def test_unselected_context_values_do_not_reach_output(seed):
         assert not torch.equal(isa_attention(q, k, v_kept, L_src, config)[0, h], out[0, h])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("k", [1, 6, 8, 9, 20])
+def test_top_indices_are_the_largest_entries_largest_first(k, seed):
+    """The exact-key choice: the same positions, in the same order, as torch.topk on rows without
+    ties, both below ARGMAX_TOP_LIMIT (repeated argmax) and above it; shape [B, H, rows, k]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 17, 96, generator=g)
+    chosen = reference.top_indices(x, k)
+    assert chosen.shape == (2, 3, 17, k) and chosen.dtype == torch.long
+    assert torch.equal(chosen, x.topk(k, dim=-1).indices)
+
+
+def test_top_indices_break_ties_toward_the_first_position():
+    x = torch.tensor([[0.5, 2.0, 1.0, 2.0, 1.0, -3.0]])
+    assert reference.top_indices(x, 4).tolist() == [[1, 3, 2, 4]]
+
+
 def test_selection_size_and_ratio_counts():
     counts = block_counts(32640, 32640, ISAConfig())
     assert counts.num_source_blocks == counts.num_context_blocks == 510

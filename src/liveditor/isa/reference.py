@@ -18,6 +18,25 @@ from .layout import BlockLayout, block_layout, block_means, decision_dtype
 # Upper bound on the logits held at once per chunk (elements), about 256 MB in fp32.
 _CHUNK_ELEMENTS = 1 << 26
 
+# Up to this many per row, the largest entries are found by repeated argmax: torch.topk's CUDA kernel
+# took 0.66 ms a call for a training step's exact-key choice (6 of 96 over [256, 4, 128, 96], one H200),
+# a pass of argmax over the row is one reduction that torch.compile fuses with the masking before it.
+ARGMAX_TOP_LIMIT = 8
+
+
+def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest entries of each row (last dim) of finite x, largest first; up to
+    ARGMAX_TOP_LIMIT by repeated argmax (ties to the first position, on every device), else torch.topk."""
+    if k > ARGMAX_TOP_LIMIT:
+        return x.topk(k, dim=-1).indices
+    positions = torch.arange(x.shape[-1], device=x.device)
+    chosen = []
+    for _ in range(k):
+        index = x.argmax(-1, keepdim=True)
+        chosen.append(index)
+        x = torch.where(positions == index, float("-inf"), x)
+    return torch.cat(chosen, dim=-1)
+
 
 def _as_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, H, N, D] as blocks [B, H, nb, b, D]: a view when the blocks are whole, else a gather."""
@@ -58,7 +77,7 @@ def coarse_decisions(qc, kc, scale: float, counts: BlockCounts, config: ISAConfi
         return logits, probs, kept, selected, exact_query, None, None
 
     kept_logits = logits.gather(-1, kept[:, :, None, :].expand(B, H, nb, kept.shape[-1]))
-    exact_key_list = kept_logits.topk(counts.num_exact, dim=-1).indices
+    exact_key_list = top_indices(kept_logits, counts.num_exact)
     exact_key = torch.zeros_like(kept_logits, dtype=torch.bool)
     exact_key.scatter_(-1, exact_key_list, True)
     return logits, probs, kept, selected, exact_query, exact_key, exact_key_list
@@ -272,7 +291,7 @@ def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scal
                     for x in (k_pad, v_pad))  # [B, H, n_reblocks * b, D]
     pooled_keys, pooled_values = (x.unflatten(2, (n_reblocks, b)).mean(-2) for x in (keys, values))
 
-    exact_reblocks = (qc @ pooled_keys.transpose(-1, -2)).topk(counts.num_exact, dim=-1).indices
+    exact_reblocks = top_indices(qc @ pooled_keys.transpose(-1, -2), counts.num_exact)
     exact_key = torch.zeros(B, H, nb, n_reblocks, dtype=torch.bool, device=q.device)
     exact_key.scatter_(-1, exact_reblocks, True)
     exact_key |= exact_query[..., None]  # an exact query block attends to every kept key

@@ -1,4 +1,4 @@
-"""Compile the ISA attention kernels ahead of time for sm_90 (no GPU needed); print a JSON report.
+"""Compile the Triton kernels ahead of time for sm_90 (no GPU needed); print a JSON report.
 
 Run in a process of its own (the interpreter, TRITON_INTERPRET=1, replaces @triton.jit functions at
 import, so this script drops it first):
@@ -16,11 +16,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from liveditor.isa import triton_sparse  # noqa: E402
+from liveditor.isa import triton_few_keys, triton_sparse  # noqa: E402
 
-INT32_TABLES = ("KEPT", "QORDER", "ELIST", "USERS", "N_USERS")
-FP32_TENSORS = ("LSE", "DELTA", "DKP", "DVP")
-SCALARS = ("H", "N")
+INT32_TABLES = ("KEPT", "QORDER", "ELIST", "USERS", "N_USERS", "SELECTED")
+FP32_TENSORS = ("LSE", "DELTA", "DKP", "DVP", "DK_PART", "DV_PART")
+SCALARS = ("B", "H", "N", "L")
+# The 14B model's tiles (64-token blocks, head dim 128), the few-key kernels' 32-key tile; tensor-core
+# dots (no upcast, no IEEE fp32). Each kernel takes the ones it declares.
+CONSTEXPRS = dict(BLOCK_SIZE=64, BLOCK_M=64, BLOCK_D=128, HEAD_DIM=128, UPCAST=False, IEEE=False,
+                  BLOCK_P=triton_sparse.POOLED_CHUNK, BLOCK_L=32, BLOCK_SEL=16)
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -39,11 +43,10 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def compile_kernel(name: str, dtype: str) -> dict:
-    fn = getattr(triton_sparse, name)
-    # The 14B model's tiles: 64-token blocks, head dim 128, tensor-core dots (no upcast, no IEEE fp32).
-    constexprs = dict(BLOCK_SIZE=64, BLOCK_M=64, BLOCK_D=128, HEAD_DIM=128, UPCAST=False, IEEE=False)
-    if "BLOCK_P" in fn.arg_names:
-        constexprs["BLOCK_P"] = triton_sparse.POOLED_CHUNK
+    fn = getattr(triton_few_keys if name.startswith("_few_keys") else triton_sparse, name)
+    constexprs = {arg: value for arg, value in CONSTEXPRS.items() if arg in fn.arg_names}
+    if "TO_TOKENS" in fn.arg_names:
+        constexprs["TO_TOKENS"] = True
     source = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))

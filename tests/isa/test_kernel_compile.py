@@ -2,9 +2,10 @@
 
 Triton's interpreter (CPU CI) runs every tl.dot on fp32 copies, so the bf16/fp16 branch the GPU
 runs (UPCAST=False) and the compiler's own rules (only constexpr globals in kernels, operand
-dtypes of tl.dot) are never exercised there. Compiling each attention kernel ahead of time for
-sm_90 in bf16 (fp16 takes the same branch), in a process without the interpreter, checks both;
-test_isa_gpu.py checks what the kernels compute.
+dtypes of tl.dot) are never exercised there. Compiling each attention kernel (ISA's and the
+few-key cross-attention's) ahead of time for sm_90 in bf16 (fp16 takes the same branch), in a
+process without the interpreter, checks both, and that the row-moving kernels compile at all;
+test_isa_gpu.py and test_few_keys.py (on a GPU) check what the kernels compute.
 """
 
 import json
@@ -16,7 +17,9 @@ triton = pytest.importorskip("triton")
 from packaging.version import Version  # noqa: E402
 from python_process import child_env, run_python  # noqa: E402
 
-KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_pooled_kernel")
+KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_pooled_kernel", "_few_keys_fwd_kernel",
+           "_few_keys_bwd_kernel")
+MOVE_KERNELS = ("_move_rows_kernel", "_pack_kept_kernel", "_unpack_kept_kernel")  # no dot products
 
 pytestmark = pytest.mark.skipif(Version(triton.__version__) < Version("3.9"),
                                 reason="ahead-of-time compile uses the signature format of Triton >= 3.9")
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.skipif(Version(triton.__version__) < Version("3.9"),
 @pytest.fixture(scope="module", params=["bf16"])
 def compiled(request):
     script = Path(__file__).with_name("compile_for_hopper.py")
-    result = run_python(str(script), request.param, *KERNELS, env=child_env(drop=("TRITON_INTERPRET",)), timeout=600)
+    result = run_python(str(script), request.param, *KERNELS, *MOVE_KERNELS, env=child_env(drop=("TRITON_INTERPRET",)), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return request.param, json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -35,3 +38,9 @@ def test_tensor_core_branch_compiles_for_sm90(compiled, kernel):
     dtype, report = compiled
     assert report[kernel]["ok"], f"{kernel} ({dtype}): {report[kernel]['error'][:2000]}"
     assert report[kernel]["wgmma"], f"{kernel} ({dtype}): no Hopper tensor-core instruction (wgmma) in the PTX"
+
+
+@pytest.mark.parametrize("kernel", MOVE_KERNELS)
+def test_row_moving_kernels_compile_for_sm90(compiled, kernel):
+    dtype, report = compiled
+    assert report[kernel]["ok"], f"{kernel} ({dtype}): {report[kernel]['error'][:2000]}"

@@ -175,8 +175,9 @@ def few_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     backend "auto": on CUDA, with at most 64 keys and head dim at most 128, Triton kernels that hold
     every key of a head in registers (at the tiny model's training shape 2.5x less device time than
-    SDPA forward + backward, benchmarks/bench_few_keys.py); otherwise SDPA. "torch": SDPA; "triton": the kernels or an error. Under autocast the inputs are
-    cast to its dtype first, as SDPA's autocast policy does. Returns `[B, N, H, D]`.
+    SDPA forward + backward, benchmarks/bench_few_keys.py); otherwise SDPA. "torch": SDPA;
+    "triton": the kernels or an error. Under autocast the inputs are cast to its dtype first, as
+    SDPA's autocast policy does. Returns `[B, N, H, D]`.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():

@@ -201,8 +201,9 @@ class LIVEditorCrossAttnProcessor:
     `WanAttnProcessor` for text-only cross-attention (projections, qk RMSNorm, softmax attention over
     the prompt's tokens, output projection), with the attention through `few_key_attention`: on CUDA
     with a short prompt (the tiny model's: at most 32 tokens) Triton kernels, 2.5x less device time
-    than SDPA in a training step's forward + backward; otherwise SDPA, as before. A diffusers attention backend set on the model
-    (`set_attention_backend`) is honoured through diffusers' dispatcher instead.
+    than SDPA in a training step's forward + backward; otherwise SDPA, as before. A diffusers
+    attention backend set on the model (`set_attention_backend`) is honoured through diffusers'
+    dispatcher instead.
     """
 
     _attention_backend = None

@@ -110,7 +110,7 @@ def _few_keys_bwd_kernel(
 
 
 # Launch options, from `benchmarks/bench_few_keys.py --sweep` (one H200, the tiny model's training
-# shape, device time; docs/benchmarks.md): forward + backward 0.53 ms against 0.60-1.07 for the other
+# shape, device time; docs/benchmarks.md): forward + backward 0.53 ms against 0.55-1.07 for the other
 # 35 options. The forward gives each program one query tile; the backward gives each program a run of
 # tiles (dk/dv stay in registers across it). More programs per (batch, head) than the device needs only
 # add fp32 partials to write and sum: a batch of 256 x 4 heads fills the device with one each.

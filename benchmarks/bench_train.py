@@ -69,8 +69,10 @@ def batch_of(pool: list[dict], start: int, size: int, device) -> dict:
 
 
 KERNEL_CATEGORIES = (  # first match wins; names of CUDA kernels (or CPU aten ops on a CPU run)
-    # ISA's Triton kernels (liveditor.isa.triton_sparse) and the dense SDPA backends
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "_fwd_kernel", "_bwd_", "_move_", "_users_")),
+    # ISA's and the few-key cross-attention's Triton kernels (liveditor.isa.triton_sparse, triton_few_keys)
+    # and the dense SDPA backends
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "_fwd_kernel", "_bwd_", "_move_", "_kept_kernel",
+                   "_users_")),
     ("matmul", ("gemm", "matmul", "aten::mm", "aten::bmm", "aten::addmm", "cutlass", "xmma", "nvjet", "sm90",
                 "triton_tem")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),

@@ -73,6 +73,8 @@ def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path):
     ("triton_tem_fused_addmm_0", "matmul"),
     ("triton_poi_fused_add_mul_native_layer_norm_3", "fused elementwise (Inductor)"),
     ("_bwd_dkdv_kernel", "attention"),
+    ("_unpack_kept_kernel", "attention"),
+    ("_few_keys_bwd_kernel", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
     ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),

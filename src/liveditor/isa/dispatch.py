@@ -9,9 +9,7 @@ path is the normal one on CPU).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from typing import Callable
 
 import torch
@@ -22,8 +20,6 @@ from .reference import isa_attention_torch
 BACKENDS = ("auto", "torch", "triton")
 
 logger = logging.getLogger(__name__)
-# Looked up once: torch.compile cannot trace importlib, and the answer does not change in a process.
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _fallbacks_logged: set[str] = set()
 
 
@@ -62,21 +58,6 @@ def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callabl
     return isa_attention_torch
 
 
-def few_key_triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """Why the few-key Triton kernels cannot run `[B, N, H, D]` queries over `[B, L, H, D]` keys, or None."""
-    from .triton_few_keys import MAX_HEAD_DIM, MAX_KEYS  # imports Triton: callers check it is installed
-
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return f"inputs are on {q.device.type}, not CUDA"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} is not float16/bfloat16/float32"
-    if k.shape[1] > MAX_KEYS:
-        return f"{k.shape[1]} keys are over {MAX_KEYS}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} is over {MAX_HEAD_DIM}"
-    return None
-
-
 def resolve_few_key_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """"torch" (SDPA) or "triton" for few_key_attention on these inputs.
 
@@ -87,11 +68,14 @@ def resolve_few_key_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> s
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return "torch"
-    if not TRITON_INSTALLED:
+    try:
+        from .triton_few_keys import unsupported_reason
+    except ImportError as exc:  # triton missing or broken
         if backend == "triton":
-            raise ValueError('backend="triton" is not available: triton is not installed')
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f'backend="triton" is not available: {first_line}') from exc
         return "torch"
-    reason = few_key_triton_unsupported_reason(q, k)
+    reason = unsupported_reason(q, k)
     if reason is None:
         return "triton"
     if backend == "triton":

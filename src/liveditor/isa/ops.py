@@ -21,7 +21,6 @@ custom ops with fake implementations, everything else is aten ops with static sh
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +30,7 @@ from .config import ISAConfig, ISAInfo, block_counts, segment_blocks
 from .dense_kernels import choose_dense_kernel, dense_exact_attention
 from .layout import block_layout, block_means, expand_blocks
 from .reference import coarse_decisions, flop_fraction
+from .triton_common import input_unsupported_reason
 from .triton_sparse import (
     gather_exact_rows,
     pack_kept,
@@ -190,10 +190,9 @@ def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return f"inputs are on {q.device.type}, not CUDA"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} is not float16/bfloat16/float32"
+    reason = input_unsupported_reason(q)
+    if reason is not None:
+        return reason
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} is over 256"
     if config.block_size > 128:

@@ -37,6 +37,16 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def input_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why no Triton kernel here can take q (its device or dtype), or None: CUDA tensors, or any under
+    the interpreter (tests); float16, bfloat16 or float32."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"inputs are on {q.device.type}, not CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not float16/bfloat16/float32"
+    return None
+
+
 def tile_rows(block_size: int) -> int:
     """Rows of a query/key tile: the block size rounded up to a power of two, at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(block_size))
@@ -54,6 +64,17 @@ def block_span(blk, n_src, L_src, N, BLOCK_SIZE: tl.constexpr):
     limit = tl.where(is_src, L_src, N)
     length = tl.minimum(start + BLOCK_SIZE, limit) - start
     return start, length
+
+
+@triton.jit
+def load_rows(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """Rows [start, start + length) of (batch bi, head hi) of X (strides sxb, sxh, sxn; rows contiguous)
+    as a BLOCK_M x BLOCK_D tile, zero past them and past HEAD_DIM."""
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
+    return tl.load(ptrs, mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit

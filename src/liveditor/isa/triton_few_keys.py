@@ -19,19 +19,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, LOG2E, last_dim_contiguous, mma, on_input_device, tile_dims
+from .triton_common import (
+    INTERPRET,
+    LOG2E,
+    input_unsupported_reason,
+    last_dim_contiguous,
+    load_rows,
+    mma,
+    on_input_device,
+    tile_dims,
+)
 
 MAX_KEYS = 64  # keys of one head in one register tile
 MAX_HEAD_DIM = 128
 
 
-@triton.jit
-def _load_tokens(X, sxb, sxn, sxh, bi, hi, first, count, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    rows = first + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + rows[:, None].to(tl.int64) * sxn + dims[None, :]
-    return tl.load(ptrs, mask=(rows < count)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why these kernels cannot run `[B, N, H, D]` queries over `[B, L, H, D]` keys, or None."""
+    reason = input_unsupported_reason(q)
+    if reason is not None:
+        return reason
+    if k.shape[1] > MAX_KEYS:
+        return f"{k.shape[1]} keys are over {MAX_KEYS}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} is over {MAX_HEAD_DIM}"
+    return None
 
 
 @triton.jit
@@ -47,9 +59,9 @@ def _few_keys_fwd_kernel(
     bi = bh // H
     hi = bh % H
     keys = tl.arange(0, BLOCK_L)
-    q = _load_tokens(Q, sqb, sqn, sqh, bi, hi, first, N, BLOCK_M, BLOCK_D, HEAD_DIM)
-    k = _load_tokens(K, skb, skn, skh, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
-    v = _load_tokens(V, svb, svn, svh, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
+    q = load_rows(Q, sqb, sqh, sqn, bi, hi, first, N - first, BLOCK_M, BLOCK_D, HEAD_DIM)
+    k = load_rows(K, skb, skh, skn, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
+    v = load_rows(V, svb, svh, svn, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
     s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
     s = tl.where((keys < L)[None, :], s, float("-inf"))
     m = tl.max(s, 1)
@@ -80,16 +92,16 @@ def _few_keys_bwd_kernel(
     hi = bh % H
     keys = tl.arange(0, BLOCK_L)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_tokens(K, skb, skn, skh, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
-    v = _load_tokens(V, svb, svn, svh, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
+    k = load_rows(K, skb, skh, skn, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
+    v = load_rows(V, svb, svh, svn, bi, hi, 0, L, BLOCK_L, BLOCK_D, HEAD_DIM)
     dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     for t in range(tiles_per_program):
         first = (split * tiles_per_program + t) * BLOCK_M
         rows = first + tl.arange(0, BLOCK_M)
-        q = _load_tokens(Q, sqb, sqn, sqh, bi, hi, first, N, BLOCK_M, BLOCK_D, HEAD_DIM)
-        do = _load_tokens(DO, sdob, sdon, sdoh, bi, hi, first, N, BLOCK_M, BLOCK_D, HEAD_DIM)
-        o = _load_tokens(O, sob, son, soh, bi, hi, first, N, BLOCK_M, BLOCK_D, HEAD_DIM)
+        q = load_rows(Q, sqb, sqh, sqn, bi, hi, first, N - first, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_rows(DO, sdob, sdoh, sdon, bi, hi, first, N - first, BLOCK_M, BLOCK_D, HEAD_DIM)
+        o = load_rows(O, sob, soh, son, bi, hi, first, N - first, BLOCK_M, BLOCK_D, HEAD_DIM)
         lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale

@@ -28,6 +28,7 @@ from .triton_common import (
     LOG2E,
     block_span,
     last_dim_contiguous,
+    load_rows,
     mma,
     on_input_device,
     tile_dims,
@@ -35,15 +36,6 @@ from .triton_common import (
 )
 
 POOLED_CHUNK = 64  # pooled keys per step of the Taylor loop
-
-
-@triton.jit
-def _load_rows(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
-    return tl.load(ptrs, mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
@@ -70,7 +62,7 @@ def _fwd_kernel(
     pcols = tl.arange(0, BLOCK_P)
     qb = tl.load(QORDER + bh * nb + g)
     q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
-    q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     is_exact = g < n_full
     n_blocks = tl.where(is_exact, n_kv, n_exact)
@@ -85,14 +77,14 @@ def _fwd_kernel(
         kidx = tl.where(is_exact, e, listed)
         kb = tl.load(KEPT + bh * n_kv + kidx)
         k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
-        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        k = load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         s = tl.where((rows < k_len)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        v = load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
 
@@ -237,13 +229,13 @@ def _bwd_dq_kernel(
     qb = tl.load(QORDER + bh * nb + g)
     q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
     row_ok = rows < q_len
-    q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     tok = bh.to(tl.int64) * N + q_start + rows
-    do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do = load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     lse2 = tl.load(LSE + tok, mask=row_ok, other=0.0) * LOG2E
     # delta = rowsum(dout * out), here for every row the backward reads (the dk/dv and pooled
     # kernels run after this one and read it back): no fp32 copies of dout and out.
-    o = _load_rows(O, sob, soh, son, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    o = load_rows(O, sob, soh, son, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + tok, delta, mask=row_ok)
 
@@ -257,8 +249,8 @@ def _bwd_dq_kernel(
         kidx = tl.where(is_exact, e, listed)
         kb = tl.load(KEPT + bh * n_kv + kidx)
         k_start, k_len = block_span(kb, n_src, L_src, N, BLOCK_SIZE)
-        k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        k = load_rows(K, skb, skh, skn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        v = load_rows(V, svb, svh, svn, bi, hi, k_start, k_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         s = mma(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         ok = row_ok[:, None] & (rows < k_len)[None, :]
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
@@ -307,8 +299,8 @@ def _bwd_dkdv_kernel(
     k_ok = rows < k_len
     n_users = tl.load(N_USERS + bh * nb + kb)
     k_read = tl.where(n_users > 0, k_len, 0)  # an unused block's keys are not read
-    k = _load_rows(K, skb, skh, skn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
-    v = _load_rows(V, svb, svh, svn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
+    k = load_rows(K, skb, skh, skn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
+    v = load_rows(V, svb, svh, svn, bi, hi, k_start, k_read, BLOCK_M, BLOCK_D, HEAD_DIM)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     user_base = USERS + (bh.to(tl.int64) * nb + kb) * nb
@@ -316,9 +308,9 @@ def _bwd_dkdv_kernel(
         qb = tl.load(user_base + u)
         q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
         q_ok = rows < q_len
-        q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        q = load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
-        do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         s_t = mma(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [keys, queries]
@@ -396,9 +388,9 @@ def _bwd_pooled_kernel(
         qb = tl.load(QORDER + bh * nb + g)
         q_start, q_len = block_span(qb, n_src, L_src, N, BLOCK_SIZE)
         q_ok = rows < q_len
-        q = _load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        q = load_rows(Q, sqb, sqh, sqn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         tok = bh.to(tl.int64) * N + q_start + rows
-        do = _load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_rows(DO, sdb, sdh, sdn, bi, hi, q_start, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         lse2 = tl.load(LSE + tok, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + tok, mask=q_ok, other=0.0)
         exact = tl.load(EMASK + (bh.to(tl.int64) * nb + qb) * n_kv + pidx, mask=pvalid, other=1)

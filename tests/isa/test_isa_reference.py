@@ -18,6 +18,7 @@ from liveditor.isa.layout import (
     expand_blocks,
     sequence_tile_permutation,
     tile_permutation,
+    token_blocks,
 )
 
 
@@ -61,8 +62,9 @@ def test_blockwise_constant_keys_values_make_taylor_exact(seed):
     layout = block_layout(L_src, L_ctx, b, "cpu")
     g = generator(seed)
     k_blocks, v_blocks = torch.randn(2, B, H, layout.num_blocks, D, dtype=torch.float64, generator=g)
-    k = k_blocks[:, :, layout.token_block]
-    v = v_blocks[:, :, layout.token_block]
+    token_block = token_blocks(L_src, L_ctx, b, "cpu")
+    k = k_blocks[:, :, token_block]
+    v = v_blocks[:, :, token_block]
     q = torch.randn(B, H, N, D, dtype=torch.float64, generator=g)
     config = ISAConfig(block_size=b, select_ratio=1.0)  # pruning is not part of the identity
     out, info = isa_attention(q, k, v, L_src, config, return_info=True)
@@ -349,7 +351,7 @@ def test_gate_adds_coarse_output(seed):
     layout = block_layout(48, 48, 16, "cpu")
     qc, kc, vc = (x.reshape(1, 2, 6, 16, 16).mean(3) for x in (q, k, v))
     coarse = torch.softmax(qc @ kc.transpose(-1, -2) / 4.0, -1) @ vc
-    expected = dense_attention(q, k, v) + gate[:, None, :, None] * coarse[:, :, layout.token_block]
+    expected = dense_attention(q, k, v) + gate[:, None, :, None] * coarse[:, :, token_blocks(48, 48, 16, "cpu")]
     torch.testing.assert_close(out, expected)
 
 
@@ -454,8 +456,9 @@ def test_block_means_and_expand_blocks_follow_the_block_layout(L_src, L_ctx, b, 
 
     rows = torch.randn(B, H, layout.num_blocks, D, generator=g, dtype=torch.float64, requires_grad=True)
     spread = expand_blocks(rows, L_src, N, b)
-    assert torch.equal(spread, rows[:, :, layout.token_block])
+    token_block = token_blocks(L_src, L_ctx, b, "cpu")
+    assert torch.equal(spread, rows[:, :, token_block])
     token_weights = torch.randn(spread.shape, generator=g, dtype=torch.float64)
     got, = torch.autograd.grad((spread * token_weights).sum(), rows)
-    want, = torch.autograd.grad((rows[:, :, layout.token_block] * token_weights).sum(), rows)
+    want, = torch.autograd.grad((rows[:, :, token_block] * token_weights).sum(), rows)
     torch.testing.assert_close(got, want)

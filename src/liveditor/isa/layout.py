@@ -20,7 +20,6 @@ class BlockLayout:
     slot_valid: torch.Tensor  # [nb, b] bool: slot holds a real token
     block_length: torch.Tensor  # [nb] long: real tokens per block (>= 1)
     token_slot: torch.Tensor  # [N] long: slot (flattened) of each token
-    token_block: torch.Tensor  # [N] long: block of each token
 
     @property
     def num_blocks(self) -> int:
@@ -56,7 +55,6 @@ def block_layout(num_source: int, num_context: int, block_size: int, device) -> 
         slot_valid=slot_valid,
         block_length=slot_valid.sum(1),
         token_slot=token_slot,
-        token_block=token_blocks(num_source, num_context, b, device),
     )
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockCounts, ISAConfig, ISAInfo, block_counts
-from .layout import BlockLayout, block_layout, block_means, decision_dtype
+from .layout import BlockLayout, block_layout, block_means, decision_dtype, expand_blocks
 
 # Upper bound on the logits held at once per chunk (elements), about 256 MB in fp32.
 _CHUNK_ELEMENTS = 1 << 26
@@ -314,7 +314,7 @@ def _isa_attention_joint(q, k, v, num_source: int, config: ISAConfig, gate, scal
     out = _in_chunks(query_blocks, nb, B * H * b * (n_reblocks * b + n_reblocks), grad)
     out = out.flatten(2, 3)[:, :, :N]
     if gate is not None:
-        out = out + gate.reshape(B, 1, N, 1).to(dtype) * (probs @ vc)[:, :, layout.token_block]
+        out = out + gate.reshape(B, 1, N, 1).to(dtype) * expand_blocks(probs @ vc, N, N, b)
     out = out.to(q.dtype)
     if not return_info:
         return out

@@ -185,11 +185,8 @@ isa_pack_exact.register_autograd(_pack_backward, setup_context=_pack_setup)
 
 
 def triton_unsupported_reason(q: torch.Tensor, config: ISAConfig) -> str | None:
-    """Why the Triton kernels cannot run these inputs, or None when they can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
+    """Why the Triton kernels cannot run these inputs, or None when they can (this module imports
+    Triton: dispatch reports a missing one when importing it)."""
     reason = input_unsupported_reason(q)
     if reason is not None:
         return reason

@@ -68,3 +68,22 @@ def test_encoded_instructions_zero_padding_like_the_pipeline():
         assert row[:n].abs().sum() > 0 and torch.all(row[n:] == 0)
     with pytest.raises(ValueError, match="divisible"):
         build_text_encoder(10, d_model=30, num_heads=4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_length", [12, 4], ids=["padded", "no-padding"])
+def test_encoded_instructions_equal_the_encoder_on_its_2d_padding_mask(implementation, max_length):
+    """encode_instructions hands the text encoder its padding as a 4D additive mask (transformers reads
+    a 2D one back to the host to look for padding: a GPU sync each call); the embeddings are those of
+    the encoder on the tokenizer's 2D mask, bit for bit, with and without padding in the batch."""
+    torch.manual_seed(0)
+    tok = build_word_tokenizer()
+    enc = build_text_encoder(len(tok), d_model=32, num_layers=2, num_heads=2, d_ff=64).eval()
+    enc.set_attn_implementation(implementation)
+    prompts = ["remove the red circle", "make the background gray stripes please", "add a blue star"]
+    tokens = tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    assert bool((tokens.attention_mask == 0).any()) == (max_length == 12)
+    with torch.no_grad():
+        ours = encode_instructions(tok, enc, prompts, max_length=max_length)
+        expected = enc(tokens.input_ids, tokens.attention_mask).last_hidden_state * tokens.attention_mask[..., None]
+    assert torch.equal(ours, expected)

@@ -96,9 +96,23 @@ def encode_instructions(tokenizer, text_encoder, prompts: list[str], max_length:
         return_attention_mask=True,
         return_tensors="pt",
     )
-    mask = tokens.attention_mask.to(device)
-    hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+    mask, input_ids = (_upload(x, device) for x in (tokens.attention_mask, tokens.input_ids))
+    # The padding as a 4D additive mask (0: attend, the dtype's minimum: padding), which transformers
+    # uses as given: from a 2D mask it first checks for padding with a device-to-host read, which
+    # made every training step wait for the GPU's queue. The same attention weights either way.
+    dtype = next(text_encoder.parameters()).dtype
+    additive = (1 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    hidden = text_encoder(input_ids, additive).last_hidden_state
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def _upload(x: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: a copy from pageable memory to a GPU
+    waits for every kernel queued before it, one from pinned memory does not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def check_seed(seed) -> int:
@@ -262,8 +276,9 @@ class LIVEditorPipeline(DiffusionPipeline):
             max_length=L, truncation=True, add_special_tokens=True, return_attention_mask=True,
             return_tensors="pt")`.
         text_encoder: a transformers encoder (umT5 for the 14B model); called as
-            `text_encoder(input_ids, attention_mask).last_hidden_state`; positions past the prompt
-            are zeroed, as Wan does.
+            `text_encoder(input_ids, attention_mask).last_hidden_state` with the padding as a 4D
+            additive mask `[B, 1, 1, L]` (0 for tokens, the dtype's minimum for padding), which
+            transformers encoders take as given; positions past the prompt are zeroed, as Wan does.
         vae: diffusers' `AutoencoderKLWan` interface: `encode(x).latent_dist` (its mode is used),
             `decode(z).sample`, `config.scale_factor_temporal` / `config.scale_factor_spatial`, and
             optional `config.latents_mean` / `config.latents_std` (per-channel normalisation).

@@ -109,7 +109,7 @@ def profile_step(step_fn, batches, steps: int, device) -> dict:
     for name, micros, _ in events:
         category = kernel_category(name)
         by_category[category] = by_category.get(category, 0.0) + micros / 1e3 / steps
-    top = sorted(events, key=lambda e: -e[1])[:40]
+    top = sorted(events, key=lambda e: -e[1])[:80]
     return {
         "device_ms_per_step": sum(by_category.values()),
         "ms_per_step": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),

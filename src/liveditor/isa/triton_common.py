@@ -37,6 +37,12 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def leading_strides(*tensors: torch.Tensor) -> list[int]:
+    """The first three strides of each tensor, in order: what the kernels take for a 4D tensor whose
+    last dimension is contiguous (see last_dim_contiguous)."""
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
 def input_unsupported_reason(q: torch.Tensor) -> str | None:
     """Why no Triton kernel here can take q (its device or dtype), or None: CUDA tensors, or any under
     the interpreter (tests); float16, bfloat16 or float32."""
@@ -75,6 +81,17 @@ def load_rows(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BL
     dims = tl.arange(0, BLOCK_D)
     ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
     return tl.load(ptrs, mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(X, sxb, sxh, sxn, bi, hi, start, length, value, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """The first `length` rows of a BLOCK_M x BLOCK_D tile into rows [start, start + length) of (batch
+    bi, head hi) of X (strides sxb, sxh, sxn; rows contiguous), cast to X's dtype: load_rows' inverse."""
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
+    tl.store(ptrs, value.to(X.dtype.element_ty), mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 @triton.jit

@@ -24,9 +24,11 @@ from .triton_common import (
     LOG2E,
     input_unsupported_reason,
     last_dim_contiguous,
+    leading_strides,
     load_rows,
     mma,
     on_input_device,
+    store_rows,
     tile_dims,
 )
 
@@ -68,11 +70,8 @@ def _few_keys_fwd_kernel(
     p = tl.exp2(s - m[:, None])
     l_sum = tl.sum(p, 1)
     out = mma(p.to(v.dtype), v, UPCAST, IEEE) / l_sum[:, None]
-
+    store_rows(O, sob, soh, son, bi, hi, first, N - first, out, BLOCK_M, BLOCK_D, HEAD_DIM)
     rows = first + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    o_ptrs = O + bi.to(tl.int64) * sob + hi.to(tl.int64) * soh + rows[:, None].to(tl.int64) * son + dims[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows < N)[:, None] & (dims < HEAD_DIM)[None, :])
     tl.store(LSE + bh.to(tl.int64) * N + rows, m + tl.log2(l_sum), mask=rows < N)
 
 
@@ -111,9 +110,7 @@ def _few_keys_bwd_kernel(
         dp = mma(do, tl.trans(v), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq = mma(ds.to(k.dtype), k, UPCAST, IEEE) * scale
-        dq_ptrs = (DQ + bi.to(tl.int64) * sdqb + hi.to(tl.int64) * sdqh + rows[:, None].to(tl.int64) * sdqn
-                   + dims[None, :])
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows < N)[:, None] & (dims < HEAD_DIM)[None, :])
+        store_rows(DQ, sdqb, sdqh, sdqn, bi, hi, first, N - first, dq, BLOCK_M, BLOCK_D, HEAD_DIM)
         dk += mma(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
 
     part = (split.to(tl.int64) * B * H + bh) * BLOCK_L * BLOCK_D + keys[:, None] * BLOCK_D + dims[None, :]
@@ -145,10 +142,6 @@ def _meta(q: torch.Tensor, L: int, options: dict) -> dict:
     )
 
 
-def _token_major_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 @on_input_device
 def few_keys_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """out `[B, N, H, D]` (q's dtype, contiguous) and base-2 lse `[B, H, N]` fp32."""
@@ -161,8 +154,7 @@ def few_keys_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _few_keys_fwd_kernel[grid](
         q, k, v, out, lse,
-        *_token_major_strides(q), *_token_major_strides(k), *_token_major_strides(v), *_token_major_strides(out),
-        H, N, L, scale * LOG2E.value, **meta,
+        *leading_strides(q, k, v, out), H, N, L, scale * LOG2E.value, **meta,
     )
     return out, lse
 
@@ -193,8 +185,7 @@ def few_keys_backward(dout, q, k, v, out, lse, scale: float, splits: int | None 
     dv_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
     _few_keys_bwd_kernel[(splits, B * H)](
         q, k, v, out, dout, lse, dq, dk_part, dv_part,
-        *_token_major_strides(q), *_token_major_strides(k), *_token_major_strides(v), *_token_major_strides(out),
-        *_token_major_strides(dout), *_token_major_strides(dq),
+        *leading_strides(q, k, v, out, dout, dq),
         B, H, N, L, tiles_per_program, scale * LOG2E.value, scale, **meta,
     )
     dk, dv = (part.sum(0)[:, :, :L, :D].transpose(1, 2).to(k.dtype).contiguous() for part in (dk_part, dv_part))

@@ -28,6 +28,7 @@ from .triton_common import (
     LOG2E,
     block_span,
     last_dim_contiguous,
+    leading_strides,
     load_rows,
     mma,
     on_input_device,
@@ -167,13 +168,9 @@ def _pack_kept_kernel(
     packed_start = tl.where(is_src, j * BLOCK_SIZE, L_src + (j - n_src) * BLOCK_SIZE)
     n_packed = L_src + n_sel * BLOCK_SIZE
     packed = (bh.to(tl.int64) * n_packed + packed_start + rows)[:, None] * HEAD_DIM + dims[None, :]
-    valid = (rows < length)[:, None] & dmask
     in_slot = (rows < tl.where(is_src, length, BLOCK_SIZE))[:, None] & dmask
-    token_rows = (start + rows)[:, None].to(tl.int64)
-    k = tl.load(K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh + token_rows * skn + dims[None, :], mask=valid,
-                other=0.0)
-    v = tl.load(V + bi.to(tl.int64) * svb + hi.to(tl.int64) * svh + token_rows * svn + dims[None, :], mask=valid,
-                other=0.0)
+    k = load_rows(K, skb, skh, skn, bi, hi, start, length, BLOCK_M, BLOCK_D, HEAD_DIM)
+    v = load_rows(V, svb, svh, svn, bi, hi, start, length, BLOCK_M, BLOCK_D, HEAD_DIM)
     tl.store(K_PACKED + packed, k, mask=in_slot)
     tl.store(V_PACKED + packed, v, mask=in_slot)
 
@@ -480,10 +477,6 @@ def _meta(q: torch.Tensor, block_size: int) -> dict:
     )
 
 
-def _strides(*tensors):
-    return [s for t in tensors for s in t.stride()[:3]]
-
-
 def _launch_options(block_size: int, head_dim: int, kernel: str) -> dict:
     """num_warps / num_stages of `kernel` ("forward", "dq", "dkdv" or "pooled") for these tiles."""
     rows, dims = tile_rows(block_size), tile_dims(head_dim)
@@ -532,7 +525,7 @@ def sparse_forward(q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, 
     if nb > first and "attend" in stages:
         _fwd_kernel[(nb - first, B * H)](
             q, k, v, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, out, lse,
-            *_strides(q, k, v),
+            *leading_strides(q, k, v),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, scale * LOG2E.value,
             BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "forward"),
         )
@@ -582,7 +575,7 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, num_sour
     v_packed = torch.empty_like(k_packed)
     meta = _meta(k, block_size)
     _pack_kept_kernel[(n_src + n_sel, B * H)](
-        k, v, k_packed, v_packed, selected, *_strides(k, v), H, N, num_source, n_src, n_sel,
+        k, v, k_packed, v_packed, selected, *leading_strides(k, v), H, N, num_source, n_src, n_sel,
         BLOCK_SIZE=block_size, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], HEAD_DIM=D,
     )
     return k_packed, v_packed
@@ -664,21 +657,21 @@ def sparse_backward(dout, q, k, v, pooled_k, pooled_v, kept, query_order, exact_
     if nb > first:
         _bwd_dq_kernel[(nb - first, B * H)](
             q, k, v, dout, out, lse, delta, pooled_k, pooled_v, kept, query_order, exact_lists, exact_mask, dq,
-            *_strides(q, k, v, dout, out),
+            *leading_strides(q, k, v, dout, out),
             H, N, num_source, n_src, nb, n_kv, num_full, n_exact, first, qk_scale, scale,
             BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "dq"),
         )
     users, n_users = exact_users(exact_mask, query_order, kept, num_full, not exact_from_dense)
     _bwd_dkdv_kernel[(nb, B * H)](
         q, k, v, dout, lse, delta, users, n_users, dk, dv,
-        *_strides(q, k, v, dout),
+        *leading_strides(q, k, v, dout),
         H, N, num_source, n_src, nb, qk_scale, scale,
         **meta, **_launch_options(block_size, D, "dkdv"),
     )
     if nb > num_full:
         _bwd_pooled_kernel[(triton.cdiv(n_kv, POOLED_CHUNK), B * H)](
             q, dout, lse, delta, pooled_k, pooled_v, kept, query_order, exact_mask, dpk, dpv,
-            *_strides(q, dout),
+            *leading_strides(q, dout),
             H, N, num_source, n_src, nb, n_kv, num_full, qk_scale, scale,
             BLOCK_P=POOLED_CHUNK, **meta, **_launch_options(block_size, D, "pooled"),
         )

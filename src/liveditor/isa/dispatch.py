@@ -10,7 +10,7 @@ path is the normal one on CPU).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -32,29 +32,44 @@ def _log_fallback_once(reason: str, q: torch.Tensor) -> None:
         logger.log(level, "ISA backend auto: using the PyTorch path because %s", reason)
 
 
-def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callable:
-    """The function that computes ISA for `backend` on these inputs."""
+def _triton_kernels(backend: str, q: torch.Tensor, load: Callable[[], tuple[Any, str | None]]):
+    """(kernels, None) when `backend` runs the Triton kernels on these inputs, else (None, why not):
+    the reason is None where "torch" was asked for. `load` imports the kernels and returns them with
+    why they cannot run these inputs (None if they can); "triton" raises a one-line ValueError where
+    they are missing or cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return isa_attention_torch
+        return None, None
     if backend == "auto" and not q.is_cuda:  # decided without importing the kernels (and Triton)
-        _log_fallback_once(f"inputs are on {q.device.type}, not CUDA", q)
-        return isa_attention_torch
+        return None, f"inputs are on {q.device.type}, not CUDA"
     try:
-        from .ops import isa_attention_triton, triton_unsupported_reason
+        kernels, reason = load()
     except ImportError as exc:  # triton missing or broken
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if backend == "triton":
             raise ValueError(f'backend="triton" is not available: {first_line}') from exc
-        _log_fallback_once(f"the Triton kernels cannot be imported ({first_line})", q)
-        return isa_attention_torch
-    reason = triton_unsupported_reason(q, config)
+        return None, f"the Triton kernels cannot be imported ({first_line})"
     if reason is None:
-        return isa_attention_triton
+        return kernels, None
     if backend == "triton":
         raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
-    _log_fallback_once(reason, q)
+    return None, reason
+
+
+def resolve_backend(backend: str, q: torch.Tensor, config: ISAConfig) -> Callable:
+    """The function that computes ISA for `backend` on these inputs."""
+
+    def load():
+        from .ops import isa_attention_triton, triton_unsupported_reason
+
+        return isa_attention_triton, triton_unsupported_reason(q, config)
+
+    kernels, reason = _triton_kernels(backend, q, load)
+    if kernels is not None:
+        return kernels
+    if reason is not None:
+        _log_fallback_once(reason, q)
     return isa_attention_torch
 
 
@@ -64,20 +79,11 @@ def resolve_few_key_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> s
     "auto": the Triton kernels for the CUDA inputs they run (they exist for speed; SDPA computes the
     same function and is the normal path elsewhere, so falling back is not logged).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and not q.is_cuda):
-        return "torch"
-    try:
+
+    def load():
         from .triton_few_keys import unsupported_reason
-    except ImportError as exc:  # triton missing or broken
-        if backend == "triton":
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f'backend="triton" is not available: {first_line}') from exc
-        return "torch"
-    reason = unsupported_reason(q, k)
-    if reason is None:
-        return "triton"
-    if backend == "triton":
-        raise ValueError(f'backend="triton" cannot run these inputs: {reason}')
-    return "torch"
+
+        return "triton", unsupported_reason(q, k)
+
+    kernels, _ = _triton_kernels(backend, q, load)
+    return kernels or "torch"

@@ -226,9 +226,7 @@ class LIVEditorCrossAttnProcessor:
             key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
         else:
             key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        query, key, value = normed_heads(attn, query, key, value)
         if self._attention_backend is None:
             out = few_key_attention(query, key, value)
         else:
@@ -238,15 +236,20 @@ class LIVEditorCrossAttnProcessor:
         return attn.to_out[1](out)
 
 
+def normed_heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Projected `[B, tokens, H*D]` q, k, v of a Wan attention module as `[B, tokens, H, D]`, q and k
+    through its RMSNorm across heads (Wan's qk-norm)."""
+    heads = (attn.heads, -1)
+    return attn.norm_q(query).unflatten(2, heads), attn.norm_k(key).unflatten(2, heads), value.unflatten(2, heads)
+
+
 def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, N, H, D]`` of a Wan self-attention module: projections, qk RMSNorm, RoPE."""
     if getattr(attn, "fused_projections", False):
         query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
+    query, key, value = normed_heads(attn, query, key, value)
     if rotary_emb is not None:
         query, key = apply_rotary_embedding(*rotary_emb, query, key)
     return query, key, value

@@ -20,8 +20,8 @@ _CHUNK_ELEMENTS = 1 << 26
 
 # Up to this many per row, the largest entries are found by repeated argmax: torch.topk's CUDA kernel
 # took 0.66 ms a call for a training step's exact-key choice (6 of 96 over [256, 4, 128, 96], one H200),
-# while each argmax pass is one reduction over the row for torch.compile to fuse with the masking (on a
-# CPU Inductor makes one kernel of the gather and all six passes; on CUDA not measured yet).
+# while each argmax pass is one reduction over the row for torch.compile to fuse with the masking; the
+# compiled training step's top-k kernels (5.1 ms) are gone since (docs/benchmarks.md, 4db6ae3).
 ARGMAX_TOP_LIMIT = 8
 
 

@@ -49,6 +49,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _alloc_retries(device) -> int:
+    """How often the CUDA caching allocator has had to free its cache and retry an allocation (0 on a CPU)."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def render_pool(config, clips: int, workers: int) -> list[dict]:
     """`clips` training clips, rendered by a pool of processes."""
     from torch.utils.data import DataLoader
@@ -136,12 +141,16 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile
     loss.item()
     first = time.perf_counter() - start  # includes compilation
     _sync(device)
+    retries_before = _alloc_retries(device)
     start = time.perf_counter()
     for i in range(steps):
         loss = step_fn([batches[i % 4]], 1e-4)
     loss.item()
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
+    # A retry frees the allocator's cached blocks (cudaFree waits for the device) and asks again: non-zero
+    # here means the timed steps ran against the memory limit.
+    alloc_retries = _alloc_retries(device) - retries_before
     # Host time to issue one step with an idle GPU: close to step_s means the host, not the GPU, is the limit.
     host = 0.0
     for i in range(3):
@@ -150,8 +159,11 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile
         step_fn([batches[i % 4]], 1e-4)
         host += time.perf_counter() - start
     _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    result = {"step_s": seconds, "host_s": host / 3, "warmup_s": first, "loss": float(loss), "peak_gib": peak}
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")
+    result = {"step_s": seconds, "host_s": host / 3, "warmup_s": first, "loss": float(loss), "peak_gib": peak,
+              "peak_reserved_gib": reserved, "alloc_retries": alloc_retries}
     if profile_steps > 0:
         result["profile"] = profile_step(step_fn, batches, profile_steps, device)
     del step_fn, transformer, text_encoder
@@ -239,14 +251,16 @@ def main(argv=None) -> dict:
     }
     print(f"\n{result['device']}, torch {result['torch']}, commit {result['commit']}, {result['tokens_per_clip']} tokens/clip, "
           f"{flops / 1e9:.0f} GFLOP per training clip")
-    print("| attention | compile | batch | clips/s | TFLOP/s | step ms | host ms | first steps s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| attention | compile | batch | clips/s | TFLOP/s | step ms | host ms | first steps s | peak GiB "
+          "| reserved GiB | alloc retries |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['error']} | | | | | |")
+            print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['error']} | | | | | | | |")
         else:
             print(f"| {r['attention']} | {r['compile']} | {r['batch']} | {r['clips_per_s']:.0f} | {r['tflop_per_s']:.1f} "
-                  f"| {1e3 * r['step_s']:.1f} | {1e3 * r['host_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.1f} |")
+                  f"| {1e3 * r['step_s']:.1f} | {1e3 * r['host_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.1f} "
+                  f"| {r['peak_reserved_gib']:.1f} | {r['alloc_retries']} |")
     for r in rows:
         if "profile" in r:
             prof = r["profile"]

@@ -4,6 +4,7 @@ These tests import every script and run the training benchmark end to end on a s
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def test_bench_train_times_and_profiles_a_cpu_step(bench_train, tmp_path):
     (row,) = result["rows"]
     assert "error" not in row, row
     assert row["clips_per_s"] > 0 and row["step_s"] > 0 and row["host_s"] > 0
+    assert row["alloc_retries"] == 0 and math.isnan(row["peak_reserved_gib"])  # CUDA allocator figures
     profile = row["profile"]
     assert profile["ms_per_step"]["matmul"] > 0 and profile["kernels_per_step"] > 0
     assert sum(profile["ms_per_step"].values()) >= max(t["ms_per_step"] for t in profile["top"])

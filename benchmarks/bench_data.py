@@ -21,7 +21,6 @@ Prints a table and writes JSON (``meta`` + ``rows``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from liveditor.atomic import write_json
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -138,10 +139,7 @@ def main() -> int:
         geometry=dict(frames=args.frames, height=args.height, width=args.width),
         date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     )
-    Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json_path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-        f.write("\n")
+    write_json(args.json_path, dict(meta=meta, rows=rows))
     print(f"# wrote {args.json_path}")
     return 0
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from liveditor.atomic import write_json
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +84,7 @@ def main() -> int:
     print(f"| {' '.join(extra) or 'CLI defaults'} | {len(seconds)} | {result['median_s']:.1f} | "
           f"{', '.join(f'{s:.1f}' for s in seconds)} |")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json_path, result)
     return 0
 
 

@@ -24,16 +24,15 @@ a small fp32 model, the guided flow of every layout the world allows with the on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.attention import sdpa_kernel
 
+from liveditor.atomic import write_json
 from liveditor.pipelines.parallel import ParallelLayout, guided_flow, init_distributed, launched_by_torchrun
 from transformer_step import (
     SDPA_BACKENDS,
@@ -274,7 +273,7 @@ def main(argv=None):
         if checks is not None:
             print(f"correctness check: {sum(c['passed'] for c in checks)}/{len(checks)} layouts pass")
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json_path, result)
     failed = checks is not None and rank == 0 and not all(c["passed"] for c in checks)
     dist.barrier()
     dist.destroy_process_group()

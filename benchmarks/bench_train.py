@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from liveditor.atomic import write_json
 from liveditor.data.shapes_batch import example_seeds
 from liveditor.data.shards import ShapeEditDataset
 from liveditor.training import build_components, load_config
@@ -232,7 +233,7 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json_path:  # rows so far survive a run cut short
-                    Path(args.json_path).write_text(json.dumps({"rows": rows}, indent=2))
+                    write_json(args.json_path, {"rows": rows})
     loader = None
     if args.loader_seconds > 0:
         loader = [time_loader(load_config(args.config, args.overrides + [f'data.renderer="{renderer}"']), args.loader_seconds)
@@ -272,7 +273,7 @@ def main(argv=None) -> dict:
     for row in loader or []:
         print(f"data loader ({row['renderer']} renderer): {row['clips_per_s']:.0f} clips/s with {row['workers']} worker processes")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        write_json(args.json_path, result)
         print(f"wrote {args.json_path}")
     return result
 

@@ -13,12 +13,12 @@ backward 2.5x that).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
+
+from liveditor.atomic import write_json
 from transformer_step import SDPA_BACKENDS, run_metadata, timed
 
 BACKENDS = ("cudnn", "flash", "efficient")  # SDPA's math backend would materialise 2,048^2 scores per head
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
             print(f"| {r['kind']} | {r['layout']} | {r['backend']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} "
                   f"| {r['fwd_tflop_per_s']:.0f} | {r['fwd_bwd_tflop_per_s']:.0f} |")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        write_json(args.json_path, result)
         print(f"wrote {args.json_path}")
     return result
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from liveditor.atomic import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +119,7 @@ def main() -> None:
         print(f"| {r['processes']} | {r['batch_per_process']} | {r['attention']} | {r['compile']} | "
               f"{r['clips_per_s']:.0f} | {r['tflop_per_s']:.0f} | {scaling} | {r['data_wait_s_per_window']:.2f} |")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(args.json_path, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 import traceback
-from pathlib import Path
 
 import torch
 from torch.nn.attention import sdpa_kernel
 
+from liveditor.atomic import write_json
 from liveditor.errors import LIVEditorError, require
 from liveditor.isa import ISAConfig, isa_attention
 from liveditor.models import LIVEditorTransformer3DModel
@@ -314,7 +313,7 @@ def run_cells(args, cells, device, dtype):
             total_seconds=time.perf_counter() - begin_total,
         )
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json_path, result)
         return result
 
     cpu_copy = None

@@ -73,14 +73,23 @@ def block_span(blk, n_src, L_src, N, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """Pointers to rows [start, start + length) of (batch bi, head hi) of X (strides sxb, sxh, sxn; rows
+    contiguous) as a BLOCK_M x BLOCK_D tile, and the mask of the entries inside them and HEAD_DIM."""
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
+    return ptrs, (rows < length)[:, None] & (dims < HEAD_DIM)[None, :]
+
+
+@triton.jit
 def load_rows(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM: tl.constexpr):
     """Rows [start, start + length) of (batch bi, head hi) of X (strides sxb, sxh, sxn; rows contiguous)
     as a BLOCK_M x BLOCK_D tile, zero past them and past HEAD_DIM."""
-    rows = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
-    return tl.load(ptrs, mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    ptrs, mask = _row_tile(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M, BLOCK_D, HEAD_DIM)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -88,10 +97,8 @@ def store_rows(X, sxb, sxh, sxn, bi, hi, start, length, value, BLOCK_M: tl.const
                HEAD_DIM: tl.constexpr):
     """The first `length` rows of a BLOCK_M x BLOCK_D tile into rows [start, start + length) of (batch
     bi, head hi) of X (strides sxb, sxh, sxn; rows contiguous), cast to X's dtype: load_rows' inverse."""
-    rows = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    ptrs = X + bi.to(tl.int64) * sxb + hi.to(tl.int64) * sxh + (start + rows)[:, None].to(tl.int64) * sxn + dims[None, :]
-    tl.store(ptrs, value.to(X.dtype.element_ty), mask=(rows < length)[:, None] & (dims < HEAD_DIM)[None, :])
+    ptrs, mask = _row_tile(X, sxb, sxh, sxn, bi, hi, start, length, BLOCK_M, BLOCK_D, HEAD_DIM)
+    tl.store(ptrs, value.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ kernels launched per step and the top kernels: what to attack when the step is t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -141,6 +142,9 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile
         loss = step_fn([batches[i % 4]], 1e-4)
     loss.item()
     first = time.perf_counter() - start  # includes compilation
+    # Compilation leaves ~770K Python objects, whose full collection took 0.4-0.5 s (one H200,
+    # 2026-11-29): one falling in the timed steps adds 20-25 ms to a 20-step average.
+    gc.collect()
     _sync(device)
     retries_before = _alloc_retries(device)
     start = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import statistics
@@ -27,6 +26,7 @@ import sys
 
 import torch
 
+from liveditor.atomic import write_json
 from liveditor.isa import ISAConfig
 from liveditor.isa import ops
 from liveditor.isa.config import block_counts
@@ -232,13 +232,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_json(path: str, meta: dict, rows: list) -> None:
-    """Written after every shape (a run cut short keeps what it measured), via a temp file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-
-
 def print_table(rows) -> None:
     dense_names = sorted({b_ for r in rows for b_ in r["dense_fwd_ms"]})
     header = ["shape", "N", "H"] + [f"{b_} ms" for b_ in dense_names] + ["ISA ms", "x fastest", "eff TF/s",
@@ -308,7 +301,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         if rows and rows[-1]["shape"] == name:
             print_table(rows[-1:])
-        write_json(args.json_path, meta, rows)
+        write_json(args.json_path, dict(meta=meta, rows=rows))  # after every shape: a run cut short keeps them
     for n_tokens in sweep:
         half = n_tokens // 2
         try:
@@ -317,12 +310,12 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError:
             print(f"  sweep N={n_tokens}: out of memory, skipped", file=sys.stderr)
         torch.cuda.empty_cache()
-        write_json(args.json_path, meta, rows)
+        write_json(args.json_path, dict(meta=meta, rows=rows))
 
     print()
     print_table(rows)
     meta["dense_kernel_choices"] = {" ".join(map(str, key)): name for key, name in dense_kernel_choices().items()}
-    write_json(args.json_path, meta, rows)
+    write_json(args.json_path, dict(meta=meta, rows=rows))
     print(f"# wrote {args.json_path}")
     return 0
 

@@ -15,7 +15,9 @@ dense-equivalent rates).
 
 `--profile-steps K` also runs K steps under `torch.profiler` per row and reports where a step's
 device time goes (matmul, attention, Inductor-fused elementwise, optimizer, communication, other),
-kernels launched per step and the top kernels: what to attack when the step is the limit.
+kernels launched per step and the top kernels: what to attack when the step is the limit. With
+`--kernel-bandwidth` (CUDA) it also gives each Inductor kernel's bytes and achieved TB/s: a kernel far
+under the card's bandwidth has a launch or layout problem; at it, only fewer bytes make it faster.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import gc
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,9 +96,42 @@ def kernel_category(name: str) -> str:
     return next((category for category, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
 
 
-def profile_step(step_fn, batches, steps: int, device) -> dict:
+def inductor_kernel_bytes() -> dict[str, float]:
+    """{kernel name: bytes one call moves} for every Inductor Triton kernel this process loaded, by
+    Inductor's own count (`kernel_num_gb`: each buffer read or written once), which it records only
+    for kernels compiled while `torch._inductor.config.benchmark_kernel` is on."""
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    found = {}
+    with warnings.catch_warnings():  # isinstance on some library's lazy proxy objects warns
+        warnings.simplefilter("ignore")
+        autotuners = [obj for obj in gc.get_objects() if isinstance(obj, CachingAutotuner)]
+    for autotuner in autotuners:
+        meta = autotuner.inductor_meta or {}
+        if meta.get("kernel_num_gb") is not None and "kernel_name" in meta:
+            found[meta["kernel_name"]] = meta["kernel_num_gb"] * 1e9
+    return found
+
+
+def kernel_bandwidth(events: list[tuple[str, float, int]], kernel_bytes: dict[str, float], steps: int) -> dict:
+    """Achieved bandwidth of the profiled kernels whose bytes are known. `events`: (name, device
+    microseconds, calls) over `steps` steps. Kernels slowest first, and the totals over them."""
+    kernels = []
+    for name, micros, count in events:
+        if name in kernel_bytes and micros > 0:
+            kernels.append({"name": name[:120], "ms_per_step": micros / 1e3 / steps, "calls_per_step": count / steps,
+                            "gb_per_call": kernel_bytes[name] / 1e9,
+                            "tb_per_s": kernel_bytes[name] * count / (micros * 1e-6) / 1e12})
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    ms = sum(k["ms_per_step"] for k in kernels)
+    gb = sum(k["gb_per_call"] * k["calls_per_step"] for k in kernels)
+    return {"kernels": kernels, "ms_per_step": ms, "gb_per_step": gb, "tb_per_s": gb / ms if ms else float("nan")}
+
+
+def profile_step(step_fn, batches, steps: int, device, bandwidth: bool = False) -> dict:
     """Device time per optimizer step by kernel category, kernels per step and the top kernels
-    (on a CPU run: CPU time of the aten ops)."""
+    (on a CPU run: CPU time of the aten ops); `bandwidth`: also the achieved bandwidth of Inductor's
+    kernels (see kernel_bandwidth; needs benchmark_kernel on when they were compiled)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -117,16 +153,20 @@ def profile_step(step_fn, batches, steps: int, device) -> dict:
         category = kernel_category(name)
         by_category[category] = by_category.get(category, 0.0) + micros / 1e3 / steps
     top = sorted(events, key=lambda e: -e[1])[:80]
-    return {
+    result = {
         "device_ms_per_step": sum(by_category.values()),
         "ms_per_step": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "kernels_per_step": sum(count for _, _, count in events) / steps,
         "top": [{"name": name[:120], "ms_per_step": micros / 1e3 / steps, "calls_per_step": count / steps}
                 for name, micros, count in top],
     }
+    if bandwidth:
+        result["inductor_bandwidth"] = kernel_bandwidth(events, inductor_kernel_bytes(), steps)
+    return result
 
 
-def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile_steps: int = 0) -> dict:
+def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile_steps: int = 0,
+              bandwidth: bool = False) -> dict:
     """Seconds per optimizer step of a fresh model with this config (after `warmup` steps)."""
     device = accelerator.device
     if device.type == "cuda":
@@ -170,7 +210,7 @@ def time_step(config, accelerator, stats, pool, steps: int, warmup: int, profile
     result = {"step_s": seconds, "host_s": host / 3, "warmup_s": first, "loss": float(loss), "peak_gib": peak,
               "peak_reserved_gib": reserved, "alloc_retries": alloc_retries}
     if profile_steps > 0:
-        result["profile"] = profile_step(step_fn, batches, profile_steps, device)
+        result["profile"] = profile_step(step_fn, batches, profile_steps, device, bandwidth)
     del step_fn, transformer, text_encoder
     torch.compiler.reset()  # frees the CUDA-graph memory pools, which would crowd out the next row
     accelerator.free_memory()
@@ -203,6 +243,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--pool", type=int, default=512, help="pre-rendered clips the steps cycle through")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="also profile this many steps per row: device time by kernel category")
+    parser.add_argument("--kernel-bandwidth", action="store_true",
+                        help="with --profile-steps on CUDA: bytes (Inductor's count) and achieved TB/s of each "
+                             "Inductor kernel (compiles them with torch._inductor.config.benchmark_kernel on)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
@@ -211,6 +254,12 @@ def main(argv=None) -> dict:
 
     base = load_config(args.config, args.overrides + ["codec.stats_clips=8"])
     cpu = args.device == "cpu" or not torch.cuda.is_available()
+    if args.kernel_bandwidth:
+        if cpu or args.profile_steps < 1:
+            parser.error("--kernel-bandwidth needs a CUDA device and --profile-steps (it reads Inductor's Triton kernels)")
+        from torch._inductor import config as inductor_config
+
+        inductor_config.benchmark_kernel = True
     accelerator = Accelerator(mixed_precision="no" if cpu else "bf16", cpu=cpu)
     device = accelerator.device
     stats = estimate_latent_statistics(base)
@@ -225,7 +274,8 @@ def main(argv=None) -> dict:
                     f"train.cuda_graphs={'true' if compiled == 'graphs' else 'false'}", f"train.batch_size={batch}"])
                 row = {"attention": attention, "compile": compiled, "batch": batch}
                 try:
-                    row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup, args.profile_steps))
+                    row.update(time_step(config, accelerator, stats, pool, args.steps, args.warmup, args.profile_steps,
+                                          args.kernel_bandwidth))
                     row["clips_per_s"] = batch / row["step_s"]
                     row["tflop_per_s"] = row["clips_per_s"] * flops / 1e12
                 except torch.OutOfMemoryError:
@@ -274,6 +324,17 @@ def main(argv=None) -> dict:
                   f"kernels per {1e3 * r['step_s']:.1f} ms step; by kind: {parts}; "
                   f"{prof['kernels_per_step']:.0f} kernels per step; top: "
                   + "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.1f} ms" for t in prof["top"][:5]))
+    for r in rows:
+        bandwidth = r.get("profile", {}).get("inductor_bandwidth")
+        if bandwidth:
+            print(f"\n{r['attention']} / compile {r['compile']} / batch {r['batch']}: Inductor's kernels "
+                  f"{bandwidth['ms_per_step']:.1f} ms per step move {bandwidth['gb_per_step']:.0f} GB "
+                  f"({bandwidth['tb_per_s']:.2f} TB/s overall)")
+            print("| Inductor kernel | ms per step | calls | GB per call | TB/s |")
+            print("|---|---|---|---|---|")
+            for k in bandwidth["kernels"][:20]:
+                print(f"| {k['name'][:90]} | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} | {k['gb_per_call']:.3f} "
+                      f"| {k['tb_per_s']:.2f} |")
     for row in loader or []:
         print(f"data loader ({row['renderer']} renderer): {row['clips_per_s']:.0f} clips/s with {row['workers']} worker processes")
     if args.json_path:

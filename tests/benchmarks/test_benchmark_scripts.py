@@ -84,3 +84,25 @@ def test_bench_train_attention_times_every_backend_on_a_small_shape(tmp_path):
 ])
 def test_kernel_categories(bench_train, name, category):
     assert bench_train.kernel_category(name) == category
+
+
+def test_kernel_bandwidth_joins_profiled_kernels_with_their_bytes(bench_train):
+    events = [("triton_poi_fused_add_0", 2_000.0, 16), ("triton_red_fused_sum_1", 1_000.0, 8),
+              ("nvjet_sm90_gemm", 5_000.0, 8), ("triton_poi_fused_mul_2", 0.0, 8)]
+    kernel_bytes = {"triton_poi_fused_add_0": 1e9, "triton_red_fused_sum_1": 0.5e9, "triton_poi_fused_mul_2": 1e9}
+    result = bench_train.kernel_bandwidth(events, kernel_bytes, steps=2)
+    names = [k["name"] for k in result["kernels"]]
+    assert names == ["triton_poi_fused_add_0", "triton_red_fused_sum_1"]  # no bytes or no time: left out
+    add, reduce = result["kernels"]
+    assert add["ms_per_step"] == pytest.approx(1.0) and add["calls_per_step"] == 8
+    assert add["tb_per_s"] == pytest.approx(16 * 1e9 / 2e-3 / 1e12)  # 8 TB/s
+    assert reduce["tb_per_s"] == pytest.approx(8 * 0.5e9 / 1e-3 / 1e12)  # 4 TB/s
+    assert result["gb_per_step"] == pytest.approx(8 * 1 + 4 * 0.5)
+    assert result["tb_per_s"] == pytest.approx(10 / 1.5)
+
+
+def test_kernel_bandwidth_option_needs_a_gpu_profile(bench_train, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--device", "cpu", "--kernel-bandwidth", "--profile-steps", "1"])
+    assert exit_info.value.code == 2
+    assert "--kernel-bandwidth needs a CUDA device" in capsys.readouterr().err

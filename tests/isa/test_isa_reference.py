@@ -348,7 +348,6 @@ def test_gate_adds_coarse_output(seed):
     gate = torch.rand(1, 96, dtype=torch.float64, generator=generator(seed + 1000))
     config = ISAConfig(block_size=16, select_ratio=1, full_ratio=1)
     out = isa_attention(q, k, v, 48, config, gate=gate)
-    layout = block_layout(48, 48, 16, "cpu")
     qc, kc, vc = (x.reshape(1, 2, 6, 16, 16).mean(3) for x in (q, k, v))
     coarse = torch.softmax(qc @ kc.transpose(-1, -2) / 4.0, -1) @ vc
     expected = dense_attention(q, k, v) + gate[:, None, :, None] * coarse[:, :, token_blocks(48, 48, 16, "cpu")]

@@ -461,25 +461,29 @@ def test_cuda_graphs_apply_only_to_compiled_blocks_on_cuda(tmp_path):
     assert _start_event(tmp_path)["cuda_graphs"] is False
 
 
+def _weight_steps(output_dir, *extra) -> dict:
+    """Train the tiny config with `extra` settings; each transformer weight's change, by name."""
+    from accelerate.utils import set_seed
+
+    config = tiny_config(output_dir, *extra)
+    train(config, progress=False, export=False)
+    set_seed(config.train.seed)
+    initial = build_components(config)[3].state_dict()
+    final = load_file(output_dir / CHECKPOINT_DIR / "model.safetensors")
+    return {key: final[key] - initial[key] for key in initial}
+
+
 def test_compiled_step_trains_what_the_eager_step_trains(tmp_path):
     # train.compile with the loop's Inductor options (reductions of up to 16 elements unrolled, as
     # ISA's block means are) moves every weight as the eager step does, up to rounding: measured
     # per tensor, since a wrong block mean moves the attention's weights (3-12 % of their movement
     # with means over 17 tokens) but not the largest movements elsewhere (rounding: under 1e-4).
-    from accelerate.utils import set_seed
-
     extra = ["model.attention=\"isa\"", "train.batch_size=1", "optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=2"]
-    moved = {}
-    for name, compiled in (("eager", "false"), ("compiled", "true")):
-        config = tiny_config(tmp_path / name, *extra, f"train.compile={compiled}")
-        train(config, progress=False, export=False)
-        set_seed(config.train.seed)
-        initial = build_components(config)[3].state_dict()
-        final = load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
-        moved[name] = {key: final[key] - initial[key] for key in initial}
-    errors = {key: ((moved["compiled"][key] - step).abs().max() / step.abs().max()).item()
-              for key, step in moved["eager"].items() if step.abs().max() > 0}
-    assert len(errors) == len(moved["eager"])  # every weight moved
+    eager = _weight_steps(tmp_path / "eager", *extra, "train.compile=false")
+    compiled = _weight_steps(tmp_path / "compiled", *extra, "train.compile=true")
+    errors = {key: ((compiled[key] - step).abs().max() / step.abs().max()).item()
+              for key, step in eager.items() if step.abs().max() > 0}
+    assert len(errors) == len(eager)  # every weight moved
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-2, (worst, errors[worst])
 
@@ -490,18 +494,12 @@ def test_cuda_graph_replay_trains_what_the_compiled_step_trains(tmp_path):
     # Replayed graphs reuse their output buffers: a step that read a buffer after the next replay
     # overwrote it would move the weights differently. ISA with dense steps (two sets of graphs) and
     # two accumulated micro-batches per step (a replay between forward and optimizer step).
-    from accelerate.utils import set_seed
-
     extra = ["model.attention=\"isa\"", "train.dense_fraction=0.5", "train.compile=true", "train.batch_size=1",
              "train.grad_accum_steps=2", "optim.eps=1.0", "optim.lr=1e-2", "train.max_steps=4"]
     moved = {}
     for name, graphs in (("compiled", "false"), ("graphs", "true")):
-        config = tiny_config(tmp_path / name, *extra, f"train.cuda_graphs={graphs}")
-        train(config, progress=False, export=False)
-        set_seed(config.train.seed)
-        initial = build_components(config)[3].state_dict()
-        final = load_file(tmp_path / name / CHECKPOINT_DIR / "model.safetensors")
-        moved[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
+        steps = _weight_steps(tmp_path / name, *extra, f"train.cuda_graphs={graphs}")
+        moved[name] = torch.cat([steps[key].flatten() for key in sorted(steps)])
         assert _start_event(tmp_path / name)["cuda_graphs"] is (graphs == "true")
     scale = moved["compiled"].abs().max()
     assert scale > 0

@@ -115,7 +115,7 @@ def inductor_kernel_bytes() -> dict[str, float]:
 
 def kernel_bandwidth(events: list[tuple[str, float, int]], kernel_bytes: dict[str, float], steps: int) -> dict:
     """Achieved bandwidth of the profiled kernels whose bytes are known. `events`: (name, device
-    microseconds, calls) over `steps` steps. Kernels slowest first, and the totals over them."""
+    microseconds, calls) over `steps` steps. Kernels by time a step, largest first, and their totals."""
     kernels = []
     for name, micros, count in events:
         if name in kernel_bytes and micros > 0:

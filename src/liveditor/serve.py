@@ -127,12 +127,15 @@ class PageEditor:
             visitor.cancel.set()
             shutil.rmtree(visitor.folder, ignore_errors=True)
 
-    def cancel(self, session: str) -> None:
-        """Stop the visitor's edit after its running step (nothing happens when none is under way)."""
+    def cancel(self, session: str) -> bool:
+        """Stop the visitor's edit after its running step; False (and nothing happens) when none is
+        under way."""
         with self._visitors_lock:
             visitor = self._visitors.get(session)
-            if visitor is not None and visitor.editing:
-                visitor.cancel.set()
+            if visitor is None or not visitor.editing:
+                return False
+            visitor.cancel.set()
+            return True
 
     def close(self) -> None:
         """Remove every temporary file of the server."""
@@ -400,7 +403,8 @@ def build_app(editor: PageEditor):
         edit_event = edit_button.click(run, inputs, outputs, concurrency_limit=1, concurrency_id="pipeline")
 
         def cancel(request: gr.Request):
-            editor.cancel(request.session_hash)
+            if not editor.cancel(request.session_hash):  # logged: a press that reached no edit is otherwise silent
+                print("liveditor serve: Cancel pressed with no edit under way", flush=True)
 
         cancel_button.click(cancel, None, None, cancels=[edit_event], queue=False)
         head.change(redraw, [explanation, head], [gallery, explain_video, explain_report], concurrency_limit=None)

@@ -81,13 +81,13 @@ def test_cancel_stops_after_the_current_step(editor):
 
     def press_cancel(done, total):
         steps_seen.append(done)
-        editor.cancel("visitor-c")
+        assert editor.cancel("visitor-c")  # an edit was under way
 
     with pytest.raises(EditCancelled, match="after step 1 of 6"):
         editor.edit("visitor-c", example_input_path(), INSTRUCTION, EditSettings(steps=6), progress=press_cancel)
     assert steps_seen == [1]
     # The next edit of that visitor is not cancelled, nor by a Cancel pressed while nothing ran.
-    editor.cancel("visitor-c")
+    assert not editor.cancel("visitor-c")
     done = editor.edit("visitor-c", example_input_path(), INSTRUCTION, EditSettings(steps=1))
     assert done.output.exists()
 

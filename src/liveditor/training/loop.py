@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..atomic import old_copy, publish_directory
 from ..errors import LIVEditorError
+from ..pipelines.acceleration import compile_transformer
 from ..pipelines.pipeline_liveditor import encode_instructions
 from .config import TrainConfig
 from .ema import EMA
@@ -458,8 +459,8 @@ class TrainStep:
             # to 16 elements are unrolled (Inductor's default: up to 7): ISA's means over 16-token blocks
             # then compile to pointwise kernels at 4.2 TB/s instead of reductions at 1.2 (4.9 ms less
             # kernel time in a 256-clip step, one H200; docs/benchmarks.md).
-            options = {"triton.cudagraphs": self.cuda_graphs, "unroll_reductions_threshold": 17}
-            transformer.compile_repeated_blocks(fullgraph=True, options=options)
+            compile_transformer(transformer, options={"triton.cudagraphs": self.cuda_graphs,
+                                                      "unroll_reductions_threshold": 17})
         codec.to(device)
         self.ema = EMA({"text_encoder": text_encoder, "transformer": transformer}, config.train.ema_decay).to(device)
         optimizer = torch.optim.AdamW(

@@ -339,6 +339,55 @@ def _add_make_data(subparsers) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_prune_blocks(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune-blocks",
+        help="copy a pipeline folder with fewer transformer blocks (to train a faster model from a trained one)",
+        description="Write a copy of a pipeline folder whose transformer keeps only some of its blocks, to start a "
+        "faster model's training from (train.init_from). Name the blocks with --keep, or let --drop N choose: each "
+        "round leaves out the block whose absence raises the training loss least (the loop's loss under --config on "
+        "--clips fixed training clips and noise, dense attention).",
+    )
+    p.add_argument("--model", default=None, help="pipeline folder (default: the bundled tiny model)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="new pipeline folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep", type=_block_list, help="blocks to keep, e.g. 0,1,2,6,7")
+    which.add_argument("--drop", type=_int_at_least(1),
+                       help="how many blocks to leave out, chosen greedily by the loss")
+    p.add_argument("--config", default=None,
+                   help="with --drop: the training config whose loss and data to measure (default: the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --drop: override a config key")
+    p.add_argument("--clips", type=_int_at_least(1), default=24,
+                   help="with --drop: training clips measured (default 24)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="with --drop: noise seed (default 0)")
+    p.add_argument("--device", type=_device, default="cpu", help="with --drop: where to measure (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (swapped in once complete)")
+
+    def handler(args):
+        from .training import load_config
+        from .training.prune import choose_blocks_to_keep, prune_blocks
+
+        keep = args.keep
+        if args.drop is not None:
+            keep, full, rounds = choose_blocks_to_keep(args.model, args.drop, load_config(args.config, args.set),
+                                                       clips=args.clips, seed=args.seed, device=args.device)
+            print(f"loss of the whole model: {full:.5f}")
+            for n, r in enumerate(rounds, 1):
+                row = ", ".join(f"{b}: {v:.5f}" for b, v in r.losses.items())
+                print(f"round {n}, loss without block {{{row}}} -> drops block {r.dropped}")
+        out = prune_blocks(args.model, keep, args.output, overwrite=args.overwrite)
+        print(f"kept blocks {','.join(map(str, sorted(keep)))}; wrote {out}")
+
+    p.set_defaults(handler=handler)
+
+
+def _block_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, got {text!r}") from None
+
+
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -564,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(subparsers)
     _add_convert(subparsers)
     _add_train(subparsers)
+    _add_prune_blocks(subparsers)
     _add_make_data(subparsers)
     _add_eval(subparsers)
     _add_record_activations(subparsers)

@@ -1,10 +1,11 @@
 """Smaller models from trained ones: drop transformer blocks of a pipeline folder.
 
-A model with fewer blocks trains and edits faster in proportion (the tiny model's training step on one
-H200: 1,270 clips/s with 8 blocks, 1,641 with 6; docs/benchmarks.md), and a new stage started from the
-kept blocks of a trained model (`train.init_from`) recovers far sooner than one started from scratch.
+A model with fewer blocks trains and edits faster, nearly in proportion (the tiny model's training
+step on one H200: 1,270 clips/s with 8 blocks, 1,641 with 6; docs/benchmarks.md), and a new stage
+started from the kept blocks of a trained model (`train.init_from`) has much of its function already.
 
-    keep, rounds = choose_blocks_to_keep("model", drop=3, config=load_config("configs/tiny-shapeedit.toml"))
+    config = load_config("configs/tiny-shapeedit.toml")
+    keep, full_loss, rounds = choose_blocks_to_keep("model", drop=3, config=config)
     prune_blocks("model", keep, "model-5-blocks")
 
 `choose_blocks_to_keep` drops greedily: each round removes the block whose absence raises the training
@@ -67,8 +68,8 @@ def check_keep(keep, num_layers: int) -> list[int]:
 def prune_blocks(model_dir, keep, output, overwrite: bool = False) -> Path:
     """Write a copy of the pipeline folder `model_dir` (None: the bundled model) whose transformer
     has only the blocks in `keep` (renumbered 0, 1, ... in their order), every other component
-    unchanged, and `pruning.json` saying where it came from. The folder appears only once complete; an existing
-    `output` is replaced only with `overwrite`."""
+    unchanged, and `pruning.json` saying where it came from. The folder appears only once complete;
+    an existing `output` is replaced only with `overwrite`."""
     from ..models import LIVEditorTransformer3DModel
     from ..pipelines.loading import check_pipeline_folder
     from .loop import MAX_SHARD_SIZE

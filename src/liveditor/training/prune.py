@@ -52,7 +52,7 @@ def _transformer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def check_keep(keep, num_layers: int) -> list[int]:
+def _check_keep(keep, num_layers: int) -> list[int]:
     """`keep` as a sorted list of distinct block numbers of a `num_layers`-block model, or a one-line error."""
     keep = [int(k) for k in keep]
     if not keep:
@@ -81,7 +81,7 @@ def prune_blocks(model_dir, keep, output, overwrite: bool = False) -> Path:
     if output.resolve() == source.resolve():
         raise LIVEditorError("the pruned model must go to a new folder, not over the model it comes from")
     config, state = _transformer_state(source)
-    keep = check_keep(keep, config["num_layers"])
+    keep = _check_keep(keep, config["num_layers"])
     renumbered = {}
     for key, value in state.items():
         if key.startswith("blocks."):
